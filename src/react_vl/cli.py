@@ -1,0 +1,98 @@
+"""The `react-vl` command: one subcommand per pipeline stage, each a thin layer over a Python function.
+
+Every command only parses options and calls the stage's function; the work lives in the stage
+modules (react_vl.world, .embed, .index, .retrieve, .materialize, .train, .evaluate, .demo).
+"""
+
+import sys
+
+import click
+
+
+def _not_built(stage: str, issue: int):
+    click.echo(f"react-vl {stage}: this stage is not built yet (tracked in issue #{issue}).", err=True)
+    sys.exit(2)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="react-vl")
+def main():
+    """react-vl: customize CLIP models with retrieval-augmented knowledge (REACT, CVPR 2023).
+
+    Pipeline: embed a corpus -> index it -> retrieve pairs for a task's class names ->
+    materialize them as shards -> customize the model -> evaluate base vs customized.
+    `react-vl demo` runs all of it offline on the generated mini world.
+    """
+
+
+# --- world -------------------------------------------------------------------------------------
+@main.command()
+def world():
+    """Generate the mini world: pretraining corpus, knowledge base and evaluation tasks as shards."""
+    _not_built("world", 2)
+
+
+# --- tasks -------------------------------------------------------------------------------------
+@main.command()
+def tasks():
+    """List built-in tasks, or show one."""
+    _not_built("tasks", 2)
+
+
+# --- embed -------------------------------------------------------------------------------------
+@main.command()
+def embed():
+    """Embed an image-text corpus into a clip-retrieval style knowledge base."""
+    _not_built("embed", 3)
+
+
+# --- index -------------------------------------------------------------------------------------
+@main.command()
+def index():
+    """Build tuned FAISS indexes (image.index, text.index) over a knowledge base."""
+    _not_built("index", 3)
+
+
+# --- retrieve ----------------------------------------------------------------------------------
+@main.command()
+def retrieve():
+    """Retrieve the knowledge-base pairs most relevant to a task's class-name prompts."""
+    _not_built("retrieve", 3)
+
+
+# --- materialize -------------------------------------------------------------------------------
+@main.command()
+def materialize():
+    """Write retrieved pairs as webdataset shards ready for training."""
+    _not_built("materialize", 3)
+
+
+# --- customize ---------------------------------------------------------------------------------
+@main.command()
+def customize():
+    """Customize (or pretrain) a CLIP model on image-text shards."""
+    _not_built("customize", 4)
+
+
+# --- evaluate ----------------------------------------------------------------------------------
+@main.command()
+def evaluate():
+    """Evaluate models on tasks: zero-shot, retrieval, linear probe, side by side."""
+    _not_built("evaluate", 5)
+
+
+# --- demo / study ------------------------------------------------------------------------------
+@main.command()
+def demo():
+    """Run the whole pipeline offline on the mini world and write a report."""
+    _not_built("demo", 6)
+
+
+@main.command()
+def study():
+    """The paper's ablations on the mini world, with seeds, mean and spread."""
+    _not_built("study", 6)
+
+
+if __name__ == "__main__":
+    main()
