@@ -74,7 +74,8 @@ def test_missing_checkpoint_and_unknown_tag_say_what_was_wanted(tmp_path):
 
 
 def test_offline_pretrained_tag_names_tag_and_local_path_option(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as on a machine with no network
     with pytest.raises(RuntimeError, match=r"'ViT-B-32' / 'openai'.*--pretrained /path"):
         load_model("ViT-B-32", "openai")
 
