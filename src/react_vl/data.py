@@ -1,0 +1,223 @@
+"""Corpus readers: every supported corpus becomes a sorted list of shards, each read as `Pair`s.
+
+    shards = list_shards("WORLD/kb/kb-{000000..000009}.tar")     # or a folder, glob, URL, parquet
+    for pair in read_shard(shards[0], skips):                     # Pair(key, image, caption, ...)
+
+Three layouts are read, one shard at a time (a shard is the unit of resume and scale-out):
+- webdataset tar shards: local paths, brace patterns, globs, folders of .tar, fsspec URLs;
+  members KEY.{png,jpg,...}, KEY.txt, optional KEY.json (kept as the string column `json`);
+- parquet files with a caption column and image bytes or image paths (column names configurable);
+- a folder of images with sidecar KEY.txt captions (img2dataset's folder output): each
+  sub-folder holding images is a shard.
+Pairs without an image or caption, and shards that are corrupt or truncated, are recorded in a
+`SkipLog` with the reason and never stop the reading; images are decoded later (`decode_image`),
+by the consumer, in its own worker processes.
+"""
+
+import glob
+import io
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import braceexpand
+import pyarrow.parquet as pq
+from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+MAX_LISTED_SKIPS = 1000  # per reason; the counts stay exact beyond it
+
+
+@dataclass
+class Pair:
+    key: str
+    image: bytes
+    image_ext: str  # the original file extension, so materialized shards keep the original bytes
+    caption: str
+    shard: str
+    extra: dict = field(default_factory=dict)  # source columns: json sidecar (as a string), url, ...
+
+
+@dataclass
+class ParquetColumns:
+    """Which parquet columns hold what; the image column holds bytes, a path or {bytes, path}."""
+    caption: str = "caption"
+    image: str = "image"
+    key: str = "key"
+
+
+@dataclass
+class SkipLog:
+    """Pairs and shards left out, counted by reason and listed (up to MAX_LISTED_SKIPS per reason)."""
+    counts: Counter = field(default_factory=Counter)
+    listed: dict = field(default_factory=dict)
+
+    def add(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        items = self.listed.setdefault(reason, [])
+        if len(items) < MAX_LISTED_SKIPS:
+            items.append(where)
+
+    def update(self, other: "SkipLog | dict") -> None:
+        other = other if isinstance(other, dict) else other.to_dict()
+        self.counts.update(other["counts"])
+        for reason, items in other["listed"].items():
+            mine = self.listed.setdefault(reason, [])
+            mine.extend(items[:MAX_LISTED_SKIPS - len(mine)])
+
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def to_dict(self) -> dict:
+        return {"counts": dict(self.counts), "listed": self.listed}
+
+
+def _is_url(path: str) -> bool:
+    return "://" in path or path.startswith("pipe:")
+
+
+def _shard_kind(shard: str) -> str:
+    name = shard.split("?")[0]
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".tar", ".tar.gz", ".tgz")):
+        return "webdataset"
+    if not _is_url(shard) and Path(shard).is_dir():
+        return "folder"
+    raise ValueError(f"corpus shard {shard!r}: not a .tar, .parquet or image folder")
+
+
+def _folder_shards(folder: Path) -> list[str]:
+    """Sub-folders (and the folder itself) that directly hold images, as in img2dataset's output."""
+    holders = {p.parent for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS}
+    return sorted(str(p) for p in holders)
+
+
+def list_shards(corpus: str | list[str]) -> list[str]:
+    """Expand a corpus spec (paths, brace patterns, globs, folders, URLs) into a sorted shard list.
+
+    Local paths become absolute, so the shard recorded in a KB can be reopened from anywhere.
+    """
+    specs = [corpus] if isinstance(corpus, (str, os.PathLike)) else list(corpus)
+    shards = []
+    for spec in specs:
+        for item in braceexpand.braceexpand(str(spec)):
+            if _is_url(item):
+                shards.append(item)
+                continue
+            matches = sorted(glob.glob(os.path.expanduser(item))) if glob.has_magic(item) else [item]
+            if not matches or not all(Path(m).exists() for m in matches):
+                raise FileNotFoundError(f"corpus path not found: {item} (from corpus spec {spec!r})")
+            for match in matches:
+                path = Path(match).resolve()
+                if path.is_dir():
+                    inner = sorted(str(p) for p in path.iterdir() if p.name.endswith((".tar", ".parquet")))
+                    shards.extend(inner or _folder_shards(path))
+                else:
+                    shards.append(str(path))
+    if not shards:
+        raise FileNotFoundError(f"corpus {corpus!r} holds no shard (.tar, .parquet or images)")
+    for shard in shards:
+        _shard_kind(shard)
+    return sorted(set(shards))
+
+
+def open_shard(shard: str):
+    """A binary file object for a local path or any fsspec URL (s3://, gs://, https://, ...)."""
+    if _is_url(shard):
+        import fsspec
+        return fsspec.open(shard, "rb").open()
+    return open(shard, "rb")
+
+
+def read_shard(shard: str, skips: SkipLog, columns: ParquetColumns | None = None) -> Iterator[Pair]:
+    """Yield the shard's pairs in file order; a corrupt or truncated shard is logged and ends early."""
+    reader = {"webdataset": _read_tar, "parquet": _read_parquet, "folder": _read_folder}[_shard_kind(shard)]
+    try:
+        yield from reader(shard, skips, columns or ParquetColumns())
+    except Exception as err:  # noqa: BLE001 - any reading error only loses this shard's remainder
+        skips.add("corrupt shard", f"{shard}: {type(err).__name__}: {err}")
+
+
+def _pair_or_skip(skips: SkipLog, shard: str, key: str, image: bytes | None, image_ext: str,
+                  caption, extra: dict) -> Pair | None:
+    if not image:
+        skips.add("no image", f"{shard}:{key}")
+        return None
+    caption = caption.decode("utf-8", "replace") if isinstance(caption, bytes) else caption
+    if not isinstance(caption, str) or not caption.strip():
+        skips.add("no caption", f"{shard}:{key}")
+        return None
+    return Pair(key, image, image_ext, caption.strip(), shard, extra)
+
+
+def _read_tar(shard, skips, columns):
+    with open_shard(shard) as stream:
+        for sample in group_by_keys(tar_file_expander([{"url": shard, "stream": stream}])):
+            key = sample["__key__"]
+            image_ext = next((ext for ext in IMAGE_EXTS if ext in sample), "")
+            extra = {"json": sample["json"].decode("utf-8", "replace")} if "json" in sample else {}
+            pair = _pair_or_skip(skips, shard, key, sample.get(image_ext), image_ext, sample.get("txt"), extra)
+            if pair:
+                yield pair
+
+
+def _read_parquet(shard, skips, columns):
+    base = Path(shard).parent if not _is_url(shard) else None
+    with open_shard(shard) as stream:
+        rows = (row for batch in pq.ParquetFile(stream).iter_batches(batch_size=1024) for row in batch.to_pylist())
+        for row_number, row in enumerate(rows):
+            for needed in (columns.caption, columns.image):
+                if needed not in row:
+                    raise KeyError(f"no column {needed!r} (columns: {list(row)}); set the column names")
+            key = str(row.get(columns.key, row_number))
+            image, image_ext = _parquet_image(row[columns.image], base)
+            extra = {k: v for k, v in row.items()
+                     if k not in (columns.caption, columns.image, columns.key) and not isinstance(v, bytes)}
+            pair = _pair_or_skip(skips, shard, key, image, image_ext, row[columns.caption], extra)
+            if pair:
+                yield pair
+
+
+def _parquet_image(value, base: Path | None) -> tuple[bytes | None, str]:
+    """Image bytes from a bytes value, a path (relative to the parquet file) or {bytes, path}."""
+    path = None
+    if isinstance(value, dict):
+        value, path = value.get("bytes"), value.get("path")
+    elif isinstance(value, str):
+        value, path = None, value
+    ext = Path(path).suffix.lower().lstrip(".") if path else ""
+    if value is None and path:
+        full = Path(path) if Path(path).is_absolute() or base is None else base / path
+        value = full.read_bytes() if full.is_file() else None
+    return value, ext or "jpg"
+
+
+def _read_folder(shard, skips, columns):
+    folder = Path(shard)
+    for image_path in sorted(p for p in folder.iterdir() if p.suffix.lower().lstrip(".") in IMAGE_EXTS):
+        caption_path, json_path = image_path.with_suffix(".txt"), image_path.with_suffix(".json")
+        caption = caption_path.read_text(errors="replace") if caption_path.is_file() else None
+        extra = {"json": json_path.read_text(errors="replace")} if json_path.is_file() else {}
+        pair = _pair_or_skip(skips, shard, image_path.stem, image_path.read_bytes(),
+                             image_path.suffix.lower().lstrip("."), caption, extra)
+        if pair:
+            yield pair
+
+
+def iter_corpus(corpus: str | list[str], skips: SkipLog | None = None,
+                columns: ParquetColumns | None = None) -> Iterator[Pair]:
+    """Every pair of every shard, shard by shard in sorted order."""
+    skips = skips if skips is not None else SkipLog()
+    for shard in list_shards(corpus):
+        yield from read_shard(shard, skips, columns)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Fully decode to RGB (raises on corrupt or truncated bytes, which callers count as skips)."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+

@@ -1,0 +1,221 @@
+"""Embed an image-text corpus into a knowledge base (the clip-retrieval layout, see kb.py).
+
+    embed_corpus("WORLD/kb", "mini-vit", None, "KB")
+    torchrun --nproc_per_node 2 -m react_vl.cli embed WORLD/kb --model mini-vit --out KB
+
+Part N holds the pairs of sorted shard N. DataLoader workers read and decode whole shards with
+the model's own preprocess and tokenizer and hand over batches that never cross a shard; the
+main process encodes them and writes a part as soon as its shard is done. Finished parts are
+never redone, so the same command resumes after a crash (kill -9 included) and ends with the
+embeddings an uninterrupted run makes. Under torchrun, rank r takes shards r, r+N, r+2N, ...
+and rank 0 writes kb.json and embed_summary.json once every rank is done.
+"""
+
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from .data import ParquetColumns, SkipLog, decode_image, list_shards, read_shard
+from .kb import finished_parts, make_ids, write_info, write_part
+from .models import load_model
+from .utils import resolve_device, write_json
+
+PART_META_KEY = b"react_vl"  # parquet schema metadata of each part: model, shard, skips
+
+
+class ShardBatches(IterableDataset):
+    """Yields, per shard, preprocessed batches of at most `batch_size` pairs and a final batch
+    with `done=True` that carries the shard's skip log. Each worker takes every k-th shard."""
+
+    def __init__(self, shards: list[str], parts: list[int], preprocess, tokenizer, batch_size: int,
+                 columns: ParquetColumns):
+        self.shards, self.parts = shards, parts
+        self.preprocess, self.tokenizer = preprocess, tokenizer
+        self.batch_size, self.columns = batch_size, columns
+
+    def __iter__(self):
+        worker = get_worker_info()
+        parts = self.parts if worker is None else self.parts[worker.id::worker.num_workers]
+        for part in parts:
+            skips, pending = SkipLog(), []
+            for pair in read_shard(self.shards[part], skips, self.columns):
+                try:
+                    pending.append((self.preprocess(decode_image(pair.image)), pair))
+                except Exception as err:  # noqa: BLE001 - a bad image is a counted skip, never fatal
+                    skips.add("undecodable image", f"{pair.shard}:{pair.key}: {type(err).__name__}")
+                if len(pending) == self.batch_size:
+                    yield self._batch(part, pending)
+                    pending = []
+            yield {**self._batch(part, pending), "done": True, "skips": skips.to_dict()}
+
+    def _batch(self, part: int, pending: list) -> dict:
+        pairs = [pair for _, pair in pending]
+        return {
+            "part": part, "done": False, "pairs": [(p.key, p.caption, p.extra) for p in pairs],
+            "images": torch.stack([image for image, _ in pending]) if pending else None,
+            "texts": self.tokenizer([p.caption for p in pairs]) if pending else None,
+        }
+
+
+def _distributed() -> tuple[int, int, bool]:
+    """(rank, world size, whether this call started the process group) under torchrun, else (0, 1)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1 or dist.is_initialized():
+        return (dist.get_rank(), dist.get_world_size(), False) if dist.is_initialized() else (0, 1, False)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
+
+
+def _part_record(kb_dir: Path, part: int) -> dict:
+    schema = pq.read_schema(kb_dir / "metadata" / f"metadata_{part}.parquet")
+    return json.loads((schema.metadata or {}).get(PART_META_KEY, b"{}"))
+
+
+def _check_resumable(kb_dir: Path, done: list[int], shards: list[str], model: str, pretrained, dtype: str):
+    """Refuse to mix parts from another model, dtype or corpus into one KB."""
+    for part in done:
+        record = _part_record(kb_dir, part)
+        want = {"model": model, "pretrained": pretrained, "dtype": dtype,
+                "shard": shards[part] if part < len(shards) else None}
+        have = {k: record.get(k) for k in want}
+        if have != want:
+            raise ValueError(f"{kb_dir}: part {part} was made with {have}, this run asks for {want}; "
+                             f"use another --out folder (or delete {kb_dir}) to start over")
+
+
+def _remove_stale_temp_files(kb_dir: Path, parts: list[int]):
+    """Temporary files a killed run left behind (atomic writes never finished)."""
+    for part in parts:
+        for sub, suffix in (("img_emb", "npy"), ("text_emb", "npy"), ("metadata", "parquet")):
+            for tmp in (kb_dir / sub).glob(f".{sub}_{part}.{suffix}.*.tmp"):
+                tmp.unlink(missing_ok=True)
+
+
+def _metadata_table(part: int, shard: str, rows: list, record: dict) -> pa.Table:
+    """id, key, caption, shard, then the source columns (json sidecar, url, ...), None where absent."""
+    extra_names = sorted({name for _, _, extra in rows for name in extra})
+    columns = {
+        "id": pa.array(make_ids(part, len(rows))),
+        "key": pa.array([key for key, _, _ in rows], pa.string()),
+        "caption": pa.array([caption for _, caption, _ in rows], pa.string()),
+        "shard": pa.array([shard] * len(rows), pa.string()),
+        **{name: pa.array([extra.get(name) for _, _, extra in rows]) for name in extra_names},
+    }
+    return pa.table(columns).replace_schema_metadata({PART_META_KEY: json.dumps(record)})
+
+
+def _encode(model, images: torch.Tensor, texts: torch.Tensor, device) -> tuple[np.ndarray, np.ndarray]:
+    image_emb = F.normalize(model.encode_image(images.to(device, non_blocking=True)).float(), dim=-1)
+    text_emb = F.normalize(model.encode_text(texts.to(device, non_blocking=True)).float(), dim=-1)
+    return image_emb.cpu().numpy(), text_emb.cpu().numpy()
+
+
+def embed_corpus(corpus: str | list[str], model: str | None, pretrained: str | None, out: str | Path,
+                 batch_size: int = 256, workers: int = 4, dtype: str = "float16", device: str = "auto",
+                 columns: ParquetColumns | None = None, progress: bool = True) -> dict:
+    """Embed every pair of `corpus` with an open_clip model into the KB folder `out`.
+
+    Returns the summary (also written to out/embed_summary.json by rank 0).
+    """
+    if dtype not in ("float16", "float32"):
+        raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
+    started = time.time()
+    kb_dir = Path(out)
+    rank, world_size, own_group = _distributed()
+    shards = list_shards(corpus)
+    if device in (None, "auto") and torch.cuda.is_available():
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    device = resolve_device(device)
+    torch.manual_seed(0)  # randomly initialised models (no --pretrained) must agree across resumes and ranks
+    clip, preprocess, tokenizer = load_model(model, pretrained, device=device)
+    model_name = clip.react_vl["model"]
+
+    mine = list(range(rank, len(shards), world_size))
+    done = [p for p in finished_parts(kb_dir) if p in mine]
+    _check_resumable(kb_dir, done, shards, model_name, pretrained, dtype)
+    todo = [p for p in mine if p not in done]
+    _remove_stale_temp_files(kb_dir, todo)
+
+    dataset = ShardBatches(shards, todo, preprocess, tokenizer, batch_size, columns or ParquetColumns())
+    loader = DataLoader(dataset, batch_size=None, num_workers=min(workers, len(todo)),
+                        pin_memory=device.type == "cuda")
+    open_parts: dict[int, list] = {}
+    pairs_done = parts_done = 0
+    bar = tqdm(desc=f"embed (rank {rank})" if world_size > 1 else "embed", unit="pair",
+               disable=not progress or not todo, dynamic_ncols=True)
+    with torch.inference_mode():
+        for batch in loader:
+            part = batch["part"]
+            chunks = open_parts.setdefault(part, [])
+            if batch["images"] is not None:
+                chunks.append((*_encode(clip, batch["images"], batch["texts"], device), batch["pairs"]))
+                pairs_done += len(batch["pairs"])
+                bar.update(len(batch["pairs"]))
+            if batch["done"]:
+                _finish_part(kb_dir, part, shards[part], open_parts.pop(part), batch["skips"], clip, dtype,
+                             model_name, pretrained)
+                parts_done += 1
+                bar.total = round(pairs_done / parts_done * len(todo))  # an estimate, for the ETA
+                bar.refresh()
+    bar.close()
+    rank_stats = {"rank": rank, "pairs": pairs_done, "parts": parts_done, "seconds": time.time() - started}
+
+    all_stats = [rank_stats]
+    if world_size > 1:
+        all_stats = [None] * world_size
+        dist.all_gather_object(all_stats, rank_stats)  # also the barrier before rank 0 reads all parts
+    summary = _summarize(kb_dir, shards, corpus, model_name, pretrained, dtype, all_stats, time.time() - started) \
+        if rank == 0 else None
+    if world_size > 1:
+        dist.barrier()
+    if own_group:
+        dist.destroy_process_group()
+    return summary
+
+
+def _finish_part(kb_dir, part, shard, chunks, skips, clip, dtype, model_name, pretrained):
+    dim = open_clip.get_model_config(model_name)["embed_dim"]
+    image_emb = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros((0, dim), np.float32)
+    text_emb = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, dim), np.float32)
+    rows = [row for c in chunks for row in c[2]]
+    record = {"model": model_name, "pretrained": pretrained, "dtype": dtype, "shard": shard,
+              "pairs": len(rows), "skipped": skips}
+    write_part(kb_dir, part, image_emb.astype(dtype), text_emb.astype(dtype),
+               _metadata_table(part, shard, rows, record))
+
+
+def _summarize(kb_dir, shards, corpus, model_name, pretrained, dtype, rank_stats, seconds) -> dict:
+    """kb.json and embed_summary.json from every finished part (this run's and earlier runs')."""
+    parts = finished_parts(kb_dir)
+    records = {part: _part_record(kb_dir, part) for part in parts}
+    skips = SkipLog()
+    for record in records.values():
+        skips.update(record["skipped"])
+    count = sum(r["pairs"] for r in records.values())
+    dim = int(np.load(kb_dir / "img_emb" / f"img_emb_{parts[0]}.npy", mmap_mode="r").shape[1]) if parts else None
+    missing = sorted(set(range(len(shards))) - set(parts))
+    if not missing:
+        write_info(kb_dir, model=model_name, pretrained=pretrained, dim=dim, dtype=dtype, count=count,
+                   parts=len(shards), corpus=corpus if isinstance(corpus, str) else list(corpus))
+    pairs_this_run = sum(s["pairs"] for s in rank_stats)
+    summary = {
+        "model": model_name, "pretrained": pretrained, "dtype": dtype, "dim": dim,
+        "count": count, "parts": len(parts), "shards": len(shards), "missing_parts": missing,
+        "skipped_total": skips.total(), "skipped": skips.to_dict(),
+        "this_run": {"pairs": pairs_this_run, "seconds": round(seconds, 3),
+                     "pairs_per_second": round(pairs_this_run / seconds, 2) if seconds else None,
+                     "ranks": rank_stats},
+    }
+    write_json(summary, kb_dir / "embed_summary.json")
+    return summary
