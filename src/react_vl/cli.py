@@ -41,9 +41,33 @@ def tasks():
 
 # --- embed -------------------------------------------------------------------------------------
 @main.command()
-def embed():
-    """Embed an image-text corpus into a clip-retrieval style knowledge base."""
-    _not_built("embed", 3)
+@click.argument("corpus", nargs=-1, required=True)
+@click.option("--model", "model_name", default=None, help="open_clip model name (e.g. ViT-B-32, mini-vit).")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag or local checkpoint; none = random init.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Knowledge-base folder to write (or resume).")
+@click.option("--batch-size", default=256, help="Pairs per forward pass.")
+@click.option("--workers", default=4, help="DataLoader worker processes that read and decode shards.")
+@click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Stored embedding dtype.")
+@click.option("--device", default="auto", help="cpu, cuda, cuda:N or auto.")
+@click.option("--caption-column", default="caption", help="Parquet corpora: the caption column.")
+@click.option("--image-column", default="image", help="Parquet corpora: column with image bytes or paths.")
+@click.option("--key-column", default="key", help="Parquet corpora: the key column (row number if absent).")
+def embed(corpus, model_name, pretrained, out, batch_size, workers, dtype, device, caption_column, image_column,
+          key_column):
+    """Embed an image-text corpus into a clip-retrieval style knowledge base.
+
+    CORPUS: webdataset shards (paths, brace patterns, globs, fsspec URLs), parquet files, or
+    folders (of shards, or of images with sidecar .txt captions). Rerun the same command to resume;
+    run it under `torchrun --nproc_per_node N` to split the shards between N processes.
+    """
+    from .data import ParquetColumns
+    from .embed import embed_corpus
+    summary = embed_corpus(list(corpus), model_name, pretrained, out, batch_size=batch_size, workers=workers,
+                           dtype=dtype, device=device,
+                           columns=ParquetColumns(caption_column, image_column, key_column))
+    if summary:
+        click.echo(f"{summary['count']} pairs in {out} ({summary['skipped_total']} skipped; "
+                   f"see {out}/embed_summary.json)")
 
 
 # --- index -------------------------------------------------------------------------------------
