@@ -86,9 +86,24 @@ def retrieve():
 
 # --- materialize -------------------------------------------------------------------------------
 @main.command()
-def materialize():
-    """Write retrieved pairs as webdataset shards ready for training."""
-    _not_built("materialize", 3)
+@click.argument("retrieved", type=click.Path(exists=True))
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for shard-NNNNNN.tar and summary.json.")
+@click.option("--kb", default=None, type=click.Path(exists=True, file_okay=False),
+              help="Knowledge base to take `url` from, for pairs with no local shard (URL corpora).")
+@click.option("--maxcount", default=10000, help="Samples per output shard.")
+@click.option("--no-download", is_flag=True, help="Only write the img2dataset input and command; do not run it.")
+def materialize(retrieved, out, kb, maxcount, no_download):
+    """Write retrieved pairs as webdataset shards ready for training.
+
+    RETRIEVED: the retrieve output folder (R/) or its retrieved.parquet.
+    """
+    from .materialize import materialize as materialize_set
+    summary = materialize_set(retrieved, out, kb=kb, maxcount=maxcount, run_img2dataset=not no_download)
+    click.echo(f"{summary['count']} pairs in {len(summary['shards'])} shard(s) in {out} "
+               f"({summary['missing']['total']} missing; see {out}/summary.json)")
+    if summary["url_pairs"]:
+        urls = summary["url_pairs"]
+        click.echo(f"{urls['count']} pairs to download; img2dataset command:\n  {' '.join(urls['img2dataset_command'])}")
 
 
 # --- customize ---------------------------------------------------------------------------------
@@ -116,6 +131,16 @@ def demo():
 def study():
     """The paper's ablations on the mini world, with seeds, mean and spread."""
     _not_built("study", 6)
+
+
+# --- report ------------------------------------------------------------------------------------
+@main.command()
+@click.argument("demo_dir", type=click.Path(exists=True, file_okay=False))
+def report(demo_dir):
+    """Write DEMO_DIR/report.html: one self-contained page of a demo folder's results."""
+    from .report import write_report
+
+    click.echo(f"wrote {write_report(demo_dir)}")
 
 
 if __name__ == "__main__":
