@@ -4,6 +4,7 @@ Every command only parses options and calls the stage's function; the work lives
 modules (react_vl.world, .embed, .index, .retrieve, .materialize, .train, .evaluate, .demo).
 """
 
+import shlex
 import sys
 
 import click
@@ -103,7 +104,7 @@ def materialize(retrieved, out, kb, maxcount, no_download):
                f"({summary['missing']['total']} missing; see {out}/summary.json)")
     if summary["url_pairs"]:
         urls = summary["url_pairs"]
-        click.echo(f"{urls['count']} pairs to download; img2dataset command:\n  {' '.join(urls['img2dataset_command'])}")
+        click.echo(f"{urls['count']} pairs to download; img2dataset command:\n  {shlex.join(urls['img2dataset_command'])}")
 
 
 # --- customize ---------------------------------------------------------------------------------
@@ -115,9 +116,44 @@ def customize():
 
 # --- evaluate ----------------------------------------------------------------------------------
 @main.command()
-def evaluate():
-    """Evaluate models on tasks: zero-shot, retrieval, linear probe, side by side."""
-    _not_built("evaluate", 5)
+@click.argument("model_args", metavar="[MODEL]...", nargs=-1)
+@click.option("--model", "model_options", multiple=True,
+              help="Model spec LABEL=NAME@PRETRAINED, repeatable; the first is the base for deltas. NAME: open_clip "
+                   "model (empty for a react-vl checkpoint), PRETRAINED: tag or checkpoint path (empty: random). "
+                   "E.g. base=mini-vit@runs/base.pt, gated=@runs/g/model.pt, ViT-B-32@openai.")
+@click.option("--task", "task_names", multiple=True, help="Task name or task file, repeatable (zero-shot + probe).")
+@click.option("--data", default=None, help="Mini world WORLD/ (uses WORLD/eval/<task>), shards, class folders, "
+                                           "or clip_benchmark:DATASET[:ROOT]; TASK=PATH (repeatable) per task.",
+              multiple=True)
+@click.option("--retrieval", multiple=True, help="Captioned set for recall@k: JSON [{image, captions}], CSV "
+                                                 "(image, caption) or captioned shards; repeatable.")
+@click.option("--probe-shots", default="", help="Linear-probe shots per class, comma separated, e.g. 1,5,full "
+                                                "(empty: no probe).")
+@click.option("--probe-seeds", default=3, help="Seeds per few-shot probe (mean and spread).")
+@click.option("--no-language-init", is_flag=True, help="Start probe heads at zero instead of the class-prompt "
+                                                       "text embeddings.")
+@click.option("--out", default="EVAL", type=click.Path(file_okay=False), help="Folder for results, tables, chart.")
+@click.option("--batch-size", default=64, help="Images per forward pass.")
+@click.option("--workers", default=2, help="DataLoader worker processes decoding images.")
+@click.option("--device", default="auto", help="cpu, cuda, cuda:N or auto.")
+def evaluate(model_args, model_options, task_names, data, retrieval, probe_shots, probe_seeds, no_language_init,
+             out, batch_size, workers, device):
+    """Evaluate models on tasks: zero-shot, retrieval, linear probe, side by side.
+
+    Models come as MODEL arguments and/or --model options (same LABEL=NAME@PRETRAINED syntax).
+    Writes OUT/results.json, table.md/csv/json (deltas against the first model) and chart.png;
+    image features are cached in OUT/feature_cache.
+    """
+    from .evaluate import evaluate as evaluate_models
+    per_task = dict(d.split("=", 1) for d in data if "=" in d)
+    shared = [d for d in data if "=" not in d]
+    shots = [s if s == "full" else int(s) for s in probe_shots.split(",") if s]
+    results = evaluate_models(list(model_args) + list(model_options), list(task_names),
+                              data=per_task or (shared[0] if shared else None), out=out, retrieval=retrieval,
+                              probe_shots=shots, probe_seeds=probe_seeds, language_init=not no_language_init,
+                              batch_size=batch_size, workers=workers, device=device)
+    click.echo(open(f"{results['out']}/table.md").read())
+    click.echo(f"details: {out}/results.json, chart: {out}/chart.png")
 
 
 # --- demo / study ------------------------------------------------------------------------------

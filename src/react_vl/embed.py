@@ -175,8 +175,7 @@ def embed_corpus(corpus: str | list[str], model: str | None, pretrained: str | N
     if world_size > 1:
         all_stats = [None] * world_size
         dist.all_gather_object(all_stats, rank_stats)  # also the barrier before rank 0 reads all parts
-    summary = _summarize(kb_dir, shards, corpus, model_name, pretrained, dtype, all_stats, time.time() - started) \
-        if rank == 0 else None
+    summary = _summarize(kb_dir, shards, corpus, model_name, pretrained, dtype, all_stats) if rank == 0 else None
     if world_size > 1:
         dist.barrier()
     if own_group:
@@ -195,7 +194,7 @@ def _finish_part(kb_dir, part, shard, chunks, skips, clip, dtype, model_name, pr
                _metadata_table(part, shard, rows, record))
 
 
-def _summarize(kb_dir, shards, corpus, model_name, pretrained, dtype, rank_stats, seconds) -> dict:
+def _summarize(kb_dir, shards, corpus, model_name, pretrained, dtype, rank_stats) -> dict:
     """kb.json and embed_summary.json from every finished part (this run's and earlier runs')."""
     parts = finished_parts(kb_dir)
     records = {part: _part_record(kb_dir, part) for part in parts}
@@ -209,6 +208,7 @@ def _summarize(kb_dir, shards, corpus, model_name, pretrained, dtype, rank_stats
         write_info(kb_dir, model=model_name, pretrained=pretrained, dim=dim, dtype=dtype, count=count,
                    parts=len(shards), corpus=corpus if isinstance(corpus, str) else list(corpus))
     pairs_this_run = sum(s["pairs"] for s in rank_stats)
+    seconds = max(s["seconds"] for s in rank_stats)
     summary = {
         "model": model_name, "pretrained": pretrained, "dtype": dtype, "dim": dim,
         "count": count, "parts": len(parts), "shards": len(shards), "missing_parts": missing,
