@@ -20,6 +20,7 @@ TASKS = {
     "shape-photo": {"role": "control", "metric": "accuracy", "base": 99.3, "gated-image": 97.9, "locked-text": 94.3},
 }
 CLASSES = ["circle", "square"]
+PER_CLASS = {"base": {"circle": 0.5, "square": 0.75}, "gated-image": {"circle": 0.875, "square": 0.625}}
 
 
 def _png(color: str, shape: str) -> bytes:
@@ -65,6 +66,9 @@ def _make_demo(demo):
             "eval": {"shape-sketch": 80 + s, "shape-photo": 99 - s / 5}} for s in range(10)]
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + "{not json\n")
     (run / "summary.json").write_text(json.dumps({"steps": 10, "time_s": 3.2, "trainable_params": 1234}))
+    (demo / "eval").mkdir()
+    (demo / "eval" / "results.json").write_text(json.dumps({"zero_shot": {"shape-sketch": {
+        model: {"metric": "accuracy", "per_class_accuracy": accuracies} for model, accuracies in PER_CLASS.items()}}}))
     (demo / "world" / "world.json").write_text(json.dumps(
         {"seed": 0, "counts": {"kb": {"style": {"photo": 900, "sketch": 40}}}}))
     (demo / "summary.json").write_text(json.dumps(
@@ -106,6 +110,9 @@ def test_report_loads_in_chromium_without_broken_images_or_errors(tmp_path, chro
         assert task in text
         assert f"({result['gated-image'] - result['base']:+.1f})" in text
     assert text.index("shape-sketch") < text.index("shape-photo"), "targets come before controls"
+    for name in CLASSES:
+        change = 100 * (PER_CLASS["gated-image"][name] - PER_CLASS["base"][name])
+        assert f"({change:+.1f})" in text
     assert "1 in corrupt shards" in text and "1 unreadable log line" in text
     assert "noisy caption" in text and "world.json" not in text  # present files give tables, not notes
 
@@ -126,7 +133,7 @@ def test_missing_sections_become_notes(tmp_path):
     demo = tmp_path / "empty-demo"
     demo.mkdir()
     text = write_report(demo).read_text()
-    assert text.count('class="note"') >= 6
+    assert text.count('class="note"') >= 7
     assert "no retrieved/&lt;task&gt;/retrieved.parquet found" in text
     assert "<img" not in text
 

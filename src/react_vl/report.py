@@ -13,7 +13,6 @@ import base64
 import html
 import io
 import json
-import tarfile
 from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,13 +20,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
 from PIL import Image
-from webdataset.tariterators import base_plus_ext
 
+from .data import SkipLog, read_shard
 from .utils import atomic_path
 
 SAMPLES_PER_CLASS = 4
 NOISE_SAMPLES = 8
-IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 NOT_A_STRATEGY = {"role", "metric", "base"}
 
 STYLE = """
@@ -73,6 +71,7 @@ def write_report(demo_dir) -> Path:
     summary = _read_json_or_none(demo_dir / "summary.json") or {}
     sections = [
         _section("Before and after customization", _results_section(summary)),
+        _section("Zero-shot accuracy per class", _per_class_section(demo_dir)),
         _section("Retrieved samples", _samples_section(demo_dir)),
         _section("Learned gate values", _gates_section(demo_dir)),
         _section("Training curves", _curves_section(demo_dir)),
@@ -111,10 +110,7 @@ def _results_section(summary: dict) -> str:
     for task, result in by_role:
         base = result.get("base")
         cells = [_esc(task), _esc(result.get("role", "")), _esc(result.get("metric", "")), _num(base)]
-        for name in strategies:
-            value = result.get(name)
-            delta = value - base if _is_number(value) and _is_number(base) else None
-            cells.append(_num(value) + (f" {_delta(delta)}" if delta is not None else ""))
+        cells += [_with_delta(result.get(name), base) for name in strategies]
         rows.append((f" class=\"{_esc(result.get('role', ''))}\"", cells))
     body = _table(header, rows)
     if summary.get("controls"):
@@ -125,6 +121,23 @@ def _results_section(summary: dict) -> str:
         total = sum(v for v in stages.values() if _is_number(v))
         stage_rows.append(("", ["<b>total</b>", f"<b>{_num(total)}</b>"]))
         body += "<h3>Wall time per stage (seconds)</h3>" + _table(["stage", "seconds"], stage_rows)
+    return body
+
+
+def _per_class_section(demo_dir: Path) -> str:
+    """Per-class accuracy of every evaluated model (eval/results.json): where a gain comes from."""
+    zero_shot = (_read_json_or_none(demo_dir / "eval" / "results.json") or {}).get("zero_shot")
+    if not zero_shot:
+        return _note("eval/results.json not found or without zero-shot results.")
+    body = _note("Accuracy in %; differences are to the first model (the base).")
+    for task, by_model in zero_shot.items():
+        per_class = {model: result.get("per_class_accuracy") or {} for model, result in by_model.items()}
+        models = list(per_class)
+        rows = []
+        for name in dict.fromkeys(c for accuracies in per_class.values() for c in accuracies):
+            values = [_percent(per_class[model].get(name)) for model in models]
+            rows.append(("", [_esc(name), _num(values[0])] + [_with_delta(v, values[0]) for v in values[1:]]))
+        body += f"<h3>{_esc(task)}</h3>" + _table(["class"] + models, rows)
     return body
 
 
@@ -283,27 +296,15 @@ def _read_images(rows: list[dict], demo_dir: Path) -> tuple[dict, Counter]:
         if path is None:
             skipped["in missing shards"] += len(keys)
             continue
-        try:
-            found = _images_in_shard(path, keys)
-        except (tarfile.TarError, OSError, EOFError):
-            skipped["in corrupt shards"] += len(keys)
-            continue
+        shard_skips = SkipLog()
+        found = {}
+        for pair in read_shard(str(path), shard_skips):
+            if pair.key in keys and pair.key not in found and (uri := _image_uri(pair.image)):
+                found[pair.key] = uri
         images.update({(shard, key): uri for key, uri in found.items()})
-        skipped["not found or undecodable"] += len(keys) - len(found)
+        reason = "in corrupt shards" if shard_skips.counts["corrupt shard"] else "not found or undecodable"
+        skipped[reason] += len(keys) - len(found)
     return images, +skipped
-
-
-def _images_in_shard(path: Path, keys: set[str]) -> dict[str, str]:
-    """key -> data URI for the wanted keys' images in one webdataset tar."""
-    found = {}
-    with tarfile.open(path) as tar:
-        for member in tar:
-            key, extension = base_plus_ext(member.name)
-            if key in keys and key not in found and (extension or "").lower() in IMAGE_EXTENSIONS:
-                uri = _image_uri(tar.extractfile(member).read())
-                if uri:
-                    found[key] = uri
-    return found
 
 
 def _find_shard(shard: str, demo_dir: Path) -> Path | None:
@@ -436,9 +437,17 @@ def _num(value) -> str:
     return f"{value:.3g}" if abs(value) < 1 else f"{value:,.1f}"
 
 
-def _delta(delta: float) -> str:
+def _with_delta(value, reference) -> str:
+    """The value, and its difference to the reference in green (up) or red (down)."""
+    if not (_is_number(value) and _is_number(reference)):
+        return _num(value)
+    delta = value - reference
     css = "up" if delta > 0 else "down" if delta < 0 else ""
-    return f"<span class=\"{css}\">({delta:+.1f})</span>"
+    return f"{_num(value)} <span class=\"{css}\">({delta:+.1f})</span>"
+
+
+def _percent(fraction):
+    return 100 * fraction if _is_number(fraction) else None
 
 
 def _note(text: str) -> str:
