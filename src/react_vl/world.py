@@ -1,0 +1,430 @@
+"""The mini world: a seeded, procedural generator of 64x64 image-caption pairs.
+
+Why it exists: REACT needs a web-scale corpus, a CLIP model that knows the concepts, and a task
+whose domain is a small share of that corpus. Here one big coloured shape per image plays the
+role of an object, and *rendering styles* play the role of domains: "photo" dominates, while
+"sketch", "night" and "pixel" are rare. Target tasks ask for a rare style (shape in sketches,
+colour at night); control tasks ask for the dominant one, to measure forgetting.
+
+Layout written (docs/DESIGN.md): WORLD/world.json, WORLD/{pretrain,kb}/*.tar,
+WORLD/eval/<task>/*.tar and WORLD/tasks/<task>.json. Every shard has its own seed, derived
+from (world seed, stream, shard number), so the bytes do not depend on the worker count, and a
+shard that exists is complete (written atomically), which makes generation resume-safe.
+"""
+
+import functools
+import io
+import json
+import multiprocessing
+import os
+import tarfile
+import time
+import zlib
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from .utils import atomic_path, read_json, write_json
+
+# --- the concepts -------------------------------------------------------------------------------
+# Class words (shape and colour names) never get synonyms, so a text tower sees them often.
+SHAPES = ["circle", "square", "triangle", "star", "cross", "ring", "crescent", "arrow"]
+COLORS = {
+    "red": (215, 35, 35), "orange": (245, 145, 20), "yellow": (240, 225, 40), "green": (40, 165, 55),
+    "cyan": (40, 210, 220), "blue": (35, 70, 220), "purple": (135, 45, 185), "pink": (250, 130, 200),
+}
+TEXTURES = ["solid", "striped", "dotted", "checkered"]
+SIZES = {"small": 0.24, "medium": 0.31, "large": 0.38}  # object radius as a share of the image side
+POSITIONS = {"center": (0, 0), "left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1)}
+BACKGROUNDS = {"white": (235, 235, 230), "gray": (128, 128, 128), "beige": (205, 190, 160),
+               "dark": (45, 45, 50)}
+STYLES = ["photo", "sketch", "night", "pixel"]
+
+# Words that name each non-photo style in captions (tests check every such caption uses one).
+STYLE_WORDS = {
+    "sketch": ("sketch", "drawing", "drawn", "outline"),
+    "night": ("night", "dark"),
+    "pixel": ("pixel", "pixelated", "8-bit"),
+}
+
+# --- the caption grammar -----------------------------------------------------------------------
+SIZE_WORDS = {"small": ["small", "little", "tiny"], "medium": ["medium-sized", "mid-sized"],
+              "large": ["large", "big", "huge"]}
+TEXTURE_WORDS = {"solid": ["solid", "plain"], "striped": ["striped", "stripy"],
+                 "dotted": ["dotted", "spotted", "polka-dot"], "checkered": ["checkered", "checked"]}
+POSITION_WORDS = {"center": ["in the center", "in the middle"], "left": ["on the left", "at the left"],
+                  "right": ["on the right", "at the right"], "top": ["at the top", "near the top"],
+                  "bottom": ["at the bottom", "near the bottom"]}
+BACKGROUND_WORDS = {"white": ["on a white background", "on white"], "gray": ["on a gray background", "on grey"],
+                    "beige": ["on a beige background", "on a tan backdrop"],
+                    "dark": ["on a dark background", "on black"]}
+# Noun phrases: {c} colour, {s} shape, {z} size, {t} texture, {p} position, {b} background.
+OBJECT_PHRASES = ["{c} {s}", "{z} {c} {s}", "{t} {c} {s}", "{z} {t} {c} {s}", "{s} in {c}",
+                  "{c} {s} {p}", "{c} {s} {b}", "{z} {c} {s} {b}", "{t} {s} in {c}"]
+STYLE_PHRASES = {
+    "photo": ["a photo of {o}", "{o}", "a picture of {o}", "an image of {o}", "close-up of {o}",
+              "{o}, photographed", "stock photo of {o}"],
+    "sketch": ["a sketch of {o}", "{o}, drawn in outline", "an outline drawing of {o}",
+               "a pencil sketch of {o}", "line drawing of {o}", "a hand-drawn sketch of {o}"],
+    "night": ["{o} at night", "a night photo of {o}", "a photo of {o} at night", "{o} in the dark",
+              "a dark night-time shot of {o}"],
+    "pixel": ["pixel art of {o}", "{o} in pixel art style", "a pixelated image of {o}",
+              "8-bit pixel art of {o}", "a low-res pixel picture of {o}"],
+}
+JUNK_CAPTIONS = ["IMG_{n}.jpg", "DSC{n}", "click to enlarge", "image may contain: text", "untitled",
+                 "stock photo {n}", "view larger", "thumbnail", "free shipping on orders over $50",
+                 "screenshot_{n}.png", "photo by user{n}", "no description available"]
+
+# --- the tasks --------------------------------------------------------------------------------
+# Targets ask for a rare style; controls for the dominant one (and pixel, which no target asks
+# for). `tasks.get_task(name)` builds these by name; generate_world also writes them to WORLD/tasks.
+MINI_TASKS = {
+    "mini-shape-sketch": {"role": "target", "attribute": "shape", "style": "sketch", "templates": [
+        "a sketch of a {}.", "a drawing of a {}.", "an outline drawing of a {}.", "a pencil sketch of a {}."]},
+    "mini-color-night": {"role": "target", "attribute": "color", "style": "night", "templates": [
+        "a photo of a {} object at night.", "a {} shape at night.", "a dark night photo of a {} object."]},
+    "mini-shape-photo": {"role": "control", "attribute": "shape", "style": "photo", "templates": [
+        "a photo of a {}.", "a picture of a {}.", "an image of a {}."]},
+    "mini-color-photo": {"role": "control", "attribute": "color", "style": "photo", "templates": [
+        "a photo of a {} object.", "a picture of a {} shape.", "a {} object."]},
+    "mini-shape-pixel": {"role": "control", "attribute": "shape", "style": "pixel", "templates": [
+        "pixel art of a {}.", "a pixelated {}.", "8-bit pixel art of a {}."]},
+}
+ATTRIBUTE_CLASSES = {"shape": SHAPES, "color": list(COLORS)}
+
+
+@dataclass
+class WorldConfig:
+    """Sizes, style shares and seeds of a world. Defaults follow MINI-WORLD.md: the pretraining
+    corpus is dominated by photo, and in the knowledge base each rare style is a small share, so a
+    random subset of retrieval's size holds few pairs of a target's style."""
+    seed: int = 0
+    pretrain_size: int = 100_000
+    kb_size: int = 200_000
+    eval_size: int = 1_000  # per task, classes balanced
+    pretrain_styles: dict = field(default_factory=lambda: {"photo": 0.94, "sketch": 0.02, "night": 0.02, "pixel": 0.02})
+    kb_styles: dict = field(default_factory=lambda: {"photo": 0.91, "sketch": 0.03, "night": 0.03, "pixel": 0.03})
+    noise_rate: float = 0.10  # share of captions that are mismatched or irrelevant alt-text junk
+    shard_size: int = 5_000
+    image_size: int = 64
+    workers: int | None = None  # None: one per CPU core
+
+    def __post_init__(self):
+        for name in ("pretrain_styles", "kb_styles"):
+            shares = getattr(self, name)
+            unknown = set(shares) - set(STYLES)
+            if unknown:
+                raise ValueError(f"WorldConfig.{name}: unknown style(s) {sorted(unknown)}; known: {STYLES}")
+            if any(v < 0 for v in shares.values()) or abs(sum(shares.values()) - 1) > 1e-6:
+                raise ValueError(f"WorldConfig.{name}: shares must be >= 0 and sum to 1, got {shares}")
+        if not 0 <= self.noise_rate <= 1:
+            raise ValueError(f"WorldConfig.noise_rate must be in [0, 1], got {self.noise_rate}")
+        for name in ("pretrain_size", "kb_size", "eval_size"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"WorldConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.shard_size < 1 or self.image_size < 16:
+            raise ValueError(f"WorldConfig: shard_size must be >= 1 and image_size >= 16 "
+                             f"(got {self.shard_size}, {self.image_size})")
+
+
+# --- one sample ---------------------------------------------------------------------------------
+def sample_attributes(rng: np.random.Generator, style: str) -> dict:
+    return {
+        "shape": SHAPES[rng.integers(len(SHAPES))],
+        "color": list(COLORS)[rng.integers(len(COLORS))],
+        "texture": TEXTURES[rng.integers(len(TEXTURES))],
+        "size": list(SIZES)[rng.integers(len(SIZES))],
+        "position": list(POSITIONS)[rng.integers(len(POSITIONS))],
+        "background": list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
+        "style": style,
+    }
+
+
+def make_caption(attrs: dict, rng: np.random.Generator) -> str:
+    """A clean caption: the object phrase (always naming colour and shape) inside a style phrase."""
+    def pick(options):
+        return options[rng.integers(len(options))]
+
+    phrase = pick(OBJECT_PHRASES).format(
+        c=attrs["color"], s=attrs["shape"], z=pick(SIZE_WORDS[attrs["size"]]),
+        t=pick(TEXTURE_WORDS[attrs["texture"]]), p=pick(POSITION_WORDS[attrs["position"]]),
+        b=pick(BACKGROUND_WORDS[attrs["background"]]))
+    article = "an" if phrase[0] in "aeiou" else "a"
+    caption = pick(STYLE_PHRASES[attrs["style"]]).format(o=f"{article} {phrase}")
+    return caption + "." if rng.random() < 0.5 else caption
+
+
+def noisy_caption(rng: np.random.Generator) -> tuple[str, str]:
+    """Web alt-text noise: half a caption of some other pair (mismatched), half junk (irrelevant)."""
+    if rng.random() < 0.5:
+        other_style = STYLES[rng.integers(len(STYLES))]
+        return make_caption(sample_attributes(rng, other_style), rng), "mismatched"
+    return JUNK_CAPTIONS[rng.integers(len(JUNK_CAPTIONS))].format(n=rng.integers(1000, 99999)), "irrelevant"
+
+
+def _shape_mask(attrs: dict, rng: np.random.Generator, size: int) -> Image.Image:
+    """The object's silhouette as an anti-aliased 'L' mask (drawn at 2x, then downsampled)."""
+    scale = 2 * size
+    radius = SIZES[attrs["size"]] * scale * rng.uniform(0.92, 1.08)
+    dx, dy = POSITIONS[attrs["position"]]
+    offset = max(0.0, 0.5 * scale - radius - 0.03 * scale)
+    cx = scale / 2 + dx * offset + rng.uniform(-0.03, 0.03) * scale
+    cy = scale / 2 + dy * offset + rng.uniform(-0.03, 0.03) * scale
+    angle = rng.uniform(-0.4, 0.4)  # radians: shapes stay upright enough to name
+    mask = Image.new("L", (scale, scale), 0)
+    draw = ImageDraw.Draw(mask)
+
+    def polygon(points):  # points in units of radius, rotated and placed
+        cos, sin = np.cos(angle), np.sin(angle)
+        draw.polygon([(cx + radius * (x * cos - y * sin), cy + radius * (x * sin + y * cos)) for x, y in points],
+                     fill=255)
+
+    def disc(x, y, r, fill=255):
+        draw.ellipse([cx + (x - r) * radius, cy + (y - r) * radius, cx + (x + r) * radius, cy + (y + r) * radius],
+                     fill=fill)
+
+    shape = attrs["shape"]
+    if shape == "circle":
+        disc(0, 0, 1)
+    elif shape == "ring":
+        disc(0, 0, 1)
+        disc(0, 0, 0.55, fill=0)
+    elif shape == "crescent":
+        disc(0, 0, 1)
+        disc(0.5, -0.2, 0.85, fill=0)
+    elif shape == "square":
+        polygon([(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)])
+    elif shape == "triangle":
+        polygon([(0, -1), (0.95, 0.75), (-0.95, 0.75)])
+    elif shape == "star":
+        polygon([(r * np.sin(k * np.pi / 5), -r * np.cos(k * np.pi / 5))
+                 for k, r in zip(range(10), [1, 0.42] * 5)])
+    elif shape == "cross":
+        a = 0.3
+        polygon([(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a),
+                 (-1, -a), (-a, -a)])
+    elif shape == "arrow":
+        polygon([(-1, -0.25), (0.15, -0.25), (0.15, -0.7), (1, 0), (0.15, 0.7), (0.15, 0.25), (-1, 0.25)])
+    return mask
+
+
+@functools.cache
+def _pixel_grid(size: int) -> np.ndarray:
+    return np.mgrid[0:size, 0:size].astype(np.float32)
+
+
+def _texture(texture: str, rng: np.random.Generator, size: int) -> np.ndarray:
+    """0/1 map of where the fill uses its second (darker) tone."""
+    y, x = _pixel_grid(size)
+    period = rng.uniform(5, 8) * size / 64
+    phase = rng.uniform(0, period)
+    if texture == "striped":
+        theta = rng.uniform(0, np.pi)
+        return ((x * np.cos(theta) + y * np.sin(theta) + phase) % period) < period / 2
+    if texture == "dotted":
+        return ((x + phase) % period - period / 2) ** 2 + ((y + phase) % period - period / 2) ** 2 < (period / 3.2) ** 2
+    if texture == "checkered":
+        return ((((x + phase) // period) + ((y + phase) // period)) % 2) == 1
+    return np.zeros((size, size), dtype=np.float32)
+
+
+_NOISE_TILE = np.random.default_rng(0).standard_normal((256, 256, 3)).astype(np.float32)
+
+
+def _noise(rng: np.random.Generator, size: int) -> np.ndarray:
+    """Gaussian pixel noise: a random window of a fixed tile (drawing fresh normals costs more
+    than the whole rendering)."""
+    y, x = rng.integers(0, _NOISE_TILE.shape[0] - size, 2)
+    return _NOISE_TILE[y:y + size, x:x + size]
+
+
+def _spread(alpha: np.ndarray, reduce) -> np.ndarray:
+    """Grey-scale dilation (np.maximum) or erosion (np.minimum) by one pixel, 4-neighbourhood."""
+    padded = np.pad(alpha, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    out = alpha.copy()
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        out = reduce(out, padded[dy:dy + alpha.shape[0], dx:dx + alpha.shape[1]])
+    return out
+
+
+def render(attrs: dict, rng: np.random.Generator, size: int = 64) -> Image.Image:
+    """Draw one object in its style. Photo: textured fill on a lit, noisy background; sketch:
+    a coloured outline on paper; night: the photo darkened and blue-tinted; pixel: the photo
+    at a quarter resolution, enlarged without smoothing."""
+    alpha = np.asarray(_shape_mask(attrs, rng, size).resize((size, size), Image.BILINEAR),
+                       dtype=np.float32)[..., None] / 255
+    color = np.array(COLORS[attrs["color"]], dtype=np.float32)
+    if attrs["style"] == "sketch":  # outline band (dilated minus eroded silhouette) on paper
+        band = np.clip(_spread(alpha, np.maximum) - _spread(alpha, np.minimum), 0, 1)
+        paper = 242 + 4 * _noise(rng, size)[..., :1]
+        pixels = paper * (1 - band) + color * 0.85 * band
+    else:
+        fill = color * (1 - 0.45 * _texture(attrs["texture"], rng, size)[..., None])
+        light = np.linspace(rng.uniform(0.85, 1.0), rng.uniform(1.0, 1.15), size, dtype=np.float32)[:, None, None]
+        background = np.array(BACKGROUNDS[attrs["background"]], dtype=np.float32) * light
+        pixels = background * (1 - alpha) + fill * alpha + 6 * _noise(rng, size)
+        if attrs["style"] == "night":
+            pixels = pixels * np.array([0.32, 0.38, 0.6], dtype=np.float32) + np.array([0, 4, 30], dtype=np.float32)
+        elif attrs["style"] == "pixel":
+            low = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).resize((size // 4, size // 4), Image.BOX)
+            pixels = np.asarray(low.quantize(24, dither=Image.Dither.NONE).convert("RGB").resize((size, size), Image.NEAREST))
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+
+
+# --- shards ---------------------------------------------------------------------------------------
+def _stream_seed(seed: int, stream: str, shard: int) -> np.random.SeedSequence:
+    """One independent random stream per (world seed, corpus or eval task, shard)."""
+    return np.random.SeedSequence([seed, zlib.crc32(stream.encode()), shard])
+
+
+def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)  # fixed mtime/uid/mode: same seed -> byte-identical shard
+    info.size, info.mtime, info.mode, info.uid, info.gid = len(data), 0, 0o644, 0, 0
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _generate_shard(job: dict) -> Counter:
+    """Write one shard atomically; return its concept counts. `job` holds the shard's recipe:
+    path, stream, shard, count, styles (shares), noise_rate, seed, image_size, and for eval the
+    task (whose attribute is balanced over its classes, `label` = class index)."""
+    rng = np.random.default_rng(_stream_seed(job["seed"], job["stream"], job["shard"]))
+    styles, shares = list(job["styles"]), list(job["styles"].values())
+    task = job.get("task")
+    counts = Counter()
+    with atomic_path(job["path"]) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for i in range(job["count"]):
+            attrs = sample_attributes(rng, styles[rng.choice(len(styles), p=shares)])
+            if task:  # balanced classes: position in the whole eval set decides the label
+                classes = ATTRIBUTE_CLASSES[task["attribute"]]
+                label = (job["shard"] * job["shard_size"] + i) % len(classes)
+                attrs[task["attribute"]] = classes[label]
+            image = render(attrs, rng, job["image_size"])
+            noise = None
+            if not task and rng.random() < job["noise_rate"]:
+                caption, noise = noisy_caption(rng)
+            else:
+                caption = make_caption(attrs, rng)
+            key = f"{job['stream']}_{job['shard']:06d}_{i:06d}"
+            meta = {"key": key, **attrs, "noisy": noise is not None, "noise": noise}
+            if task:
+                meta["label"] = label
+            png = io.BytesIO()
+            image.save(png, format="PNG", compress_level=1)
+            _tar_add(tar, f"{key}.png", png.getvalue())
+            _tar_add(tar, f"{key}.txt", caption.encode())
+            _tar_add(tar, f"{key}.json", json.dumps(meta).encode())
+            _count(counts, meta)
+    return counts
+
+
+def _count(counts: Counter, meta: dict) -> None:
+    counts["total"] += 1
+    for attribute in ("shape", "color", "style", "texture"):
+        counts[f"{attribute}/{meta[attribute]}"] += 1
+    counts[f"noisy/{meta['noise'] or 'clean'}"] += 1
+
+
+def _count_existing(path: str) -> Counter | None:
+    """Counts of a shard already on disk, or None if it cannot be read (then it is regenerated)."""
+    counts = Counter()
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    _count(counts, json.loads(tar.extractfile(member).read()))
+    except (tarfile.TarError, OSError, ValueError, KeyError):
+        return None
+    return counts
+
+
+def _run_job(job: dict) -> tuple[dict, Counter, bool]:
+    if os.path.exists(job["path"]):
+        counts = _count_existing(job["path"])
+        if counts is not None and counts["total"] == job["count"]:
+            return job, counts, False
+    return job, _generate_shard(job), True
+
+
+def _jobs(out_dir: Path, config: WorldConfig) -> list[dict]:
+    common = {"seed": config.seed, "image_size": config.image_size, "shard_size": config.shard_size}
+    plan = [("pretrain", "pretrain", config.pretrain_size, config.pretrain_styles, config.noise_rate, None),
+            ("kb", "kb", config.kb_size, config.kb_styles, config.noise_rate, None)]
+    for name, spec in MINI_TASKS.items():
+        plan.append((f"eval/{name}", name, config.eval_size, {spec["style"]: 1.0}, 0.0,
+                     {"name": name, "attribute": spec["attribute"]}))
+    jobs = []
+    for folder, stream, total, styles, noise_rate, task in plan:
+        prefix = "eval" if task else stream
+        for shard, start in enumerate(range(0, total, config.shard_size)):
+            jobs.append({**common, "corpus": folder, "stream": stream, "shard": shard,
+                         "count": min(config.shard_size, total - start), "styles": styles,
+                         "noise_rate": noise_rate, "task": task,
+                         "path": str(out_dir / folder / f"{prefix}-{shard:06d}.tar")})
+    return jobs
+
+
+def _counts_table(counts: Counter) -> dict:
+    """Counter with 'attribute/value' keys -> {attribute: {value: n}} plus total."""
+    table = {"total": counts.get("total", 0)}
+    for key, n in sorted(counts.items()):
+        if "/" in key:
+            attribute, value = key.split("/", 1)
+            table.setdefault(attribute, {})[value] = n
+    return table
+
+
+def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None) -> dict:
+    """Generate (or complete) a world in `out_dir`; return the summary also written to world.json.
+
+    Shards that already exist and are complete are kept, so an interrupted run resumes. A folder
+    holding a world made with another config is refused rather than mixed.
+    """
+    config = config or WorldConfig()
+    out_dir = Path(out_dir)
+    world_json = out_dir / "world.json"
+    if world_json.exists() and read_json(world_json).get("config") != json.loads(json.dumps(asdict(config))):
+        raise ValueError(f"{world_json} was generated with a different config; use another --out folder "
+                         f"or delete {out_dir}")
+    write_json({"config": asdict(config), "complete": False}, world_json)  # claims the folder
+    for name, spec in MINI_TASKS.items():
+        write_json({"name": name, "classnames": ATTRIBUTE_CLASSES[spec["attribute"]], "templates": spec["templates"],
+                    "metric": "accuracy", "role": spec["role"], "attribute": spec["attribute"],
+                    "style": spec["style"], "eval": f"eval/{name}"}, out_dir / "tasks" / f"{name}.json")
+
+    jobs = _jobs(out_dir, config)
+    workers = config.workers or os.cpu_count() or 1
+    corpus_counts = {job["corpus"]: Counter() for job in jobs}
+    generated = 0
+    start = time.time()
+    with tqdm(total=sum(job["count"] for job in jobs), desc="world", unit="pair", smoothing=0.1) as bar:
+        if workers == 1:
+            results = map(_run_job, jobs)
+        else:  # fork: workers need only numpy/PIL, and start instantly
+            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+            results = pool.map(_run_job, jobs)
+        try:
+            for job, counts, was_generated in results:
+                corpus_counts[job["corpus"]] += counts
+                generated += was_generated
+                bar.update(job["count"])
+        finally:
+            if workers != 1:
+                pool.shutdown()
+    seconds = time.time() - start
+    total = sum(job["count"] for job in jobs)
+    summary = {
+        "config": asdict(config),
+        "complete": True,
+        "counts": {corpus: _counts_table(counts) for corpus, counts in corpus_counts.items()},
+        "shards": {"total": len(jobs), "generated": generated, "reused": len(jobs) - generated},
+        "tasks": list(MINI_TASKS),
+        "seconds": round(seconds, 2),
+        "pairs_per_second": round(total / seconds, 1) if seconds > 0 else None,
+    }
+    write_json(summary, world_json)
+    return summary

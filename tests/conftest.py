@@ -1,0 +1,16 @@
+"""Shared fixtures. `tiny_world` is a small mini world generated once per test session."""
+
+import pytest
+
+from react_vl.world import WorldConfig, generate_world
+
+# Small but with every style in every corpus: 2% of 2,000 pretraining pairs is ~40 sketches.
+TINY_WORLD = WorldConfig(seed=0, pretrain_size=2_000, kb_size=4_000, eval_size=80, shard_size=1_000, workers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    """Path of a generated world (layout in docs/DESIGN.md); its world.json holds the config and counts."""
+    out = tmp_path_factory.mktemp("world")
+    generate_world(out, TINY_WORLD)
+    return out
