@@ -42,7 +42,7 @@ TEXTURES = ["solid", "striped", "dotted", "checkered"]
 SIZES = {"small": 0.24, "medium": 0.31, "large": 0.38}  # object radius as a share of the image side
 POSITIONS = {"center": (0, 0), "left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1)}
 BACKGROUNDS = {"white": (235, 235, 230), "gray": (128, 128, 128), "beige": (205, 190, 160),
-               "dark": (45, 45, 50)}
+               "black": (40, 40, 45)}
 STYLES = ["photo", "sketch", "night", "pixel"]
 
 # Words that name each non-photo style in captions (tests check every such caption uses one).
@@ -62,7 +62,7 @@ POSITION_WORDS = {"center": ["in the center", "in the middle"], "left": ["on the
                   "bottom": ["at the bottom", "near the bottom"]}
 BACKGROUND_WORDS = {"white": ["on a white background", "on white"], "gray": ["on a gray background", "on grey"],
                     "beige": ["on a beige background", "on a tan backdrop"],
-                    "dark": ["on a dark background", "on black"]}
+                    "black": ["on a black background", "on black"]}
 # Noun phrases: {c} colour, {s} shape, {z} size, {t} texture, {p} position, {b} background.
 OBJECT_PHRASES = ["{c} {s}", "{z} {c} {s}", "{t} {c} {s}", "{z} {t} {c} {s}", "{s} in {c}",
                   "{c} {s} {p}", "{c} {s} {b}", "{z} {c} {s} {b}", "{t} {s} in {c}"]

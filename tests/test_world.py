@@ -1,0 +1,129 @@
+import hashlib
+import io
+import json
+import math
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from react_vl.world import COLORS, MINI_TASKS, SHAPES, STYLE_WORDS, STYLES, WorldConfig, generate_world
+
+SMALL = dict(pretrain_size=48, kb_size=48, eval_size=16, shard_size=24)
+
+
+def _shard_bytes(world: Path) -> dict:
+    return {str(p.relative_to(world)): p.read_bytes() for p in sorted(world.rglob("*.tar"))}
+
+
+def _samples(world: Path, folder: str):
+    shards = sorted(str(p) for p in (world / folder).glob("*.tar"))
+    return list(wds.WebDataset(shards, shardshuffle=False))
+
+
+def _within(count: int, total: int, share: float) -> bool:
+    """Is `count` within 4 binomial standard deviations (plus one) of `share * total`?"""
+    return abs(count - share * total) <= 4 * math.sqrt(total * share * (1 - share)) + 1
+
+
+def test_same_seed_gives_identical_shards_whatever_the_worker_count(tmp_path):
+    one = generate_world(tmp_path / "a", WorldConfig(seed=3, workers=1, **SMALL))
+    generate_world(tmp_path / "b", WorldConfig(seed=3, workers=2, **SMALL))
+    generate_world(tmp_path / "c", WorldConfig(seed=4, workers=1, **SMALL))
+    a, b, c = (_shard_bytes(tmp_path / x) for x in "abc")
+    assert len(a) == one["shards"]["total"] == 2 + 2 + len(MINI_TASKS)
+    assert a == b
+    assert a.keys() == c.keys() and all(a[name] != c[name] for name in a)
+
+
+def test_resume_regenerates_only_missing_shards_and_refuses_another_config(tmp_path):
+    config = WorldConfig(seed=1, workers=1, **SMALL)
+    generate_world(tmp_path, config)
+    before = _shard_bytes(tmp_path)
+    (tmp_path / "kb" / "kb-000001.tar").unlink()
+    summary = generate_world(tmp_path, config)
+    assert summary["shards"]["generated"] == 1
+    assert _shard_bytes(tmp_path) == before
+    with pytest.raises(ValueError, match="different config"):
+        generate_world(tmp_path, WorldConfig(seed=2, workers=1, **SMALL))
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="kb_styles"):
+        WorldConfig(kb_styles={"photo": 0.5, "watercolour": 0.5})
+    with pytest.raises(ValueError, match="pretrain_styles"):
+        WorldConfig(pretrain_styles={"photo": 0.9})
+    with pytest.raises(ValueError, match="noise_rate"):
+        WorldConfig(noise_rate=1.5)
+
+
+def test_every_shard_reads_back_as_valid_webdataset(tiny_world):
+    config = json.loads((tiny_world / "world.json").read_text())["config"]
+    expected = {"pretrain": config["pretrain_size"], "kb": config["kb_size"],
+                **{f"eval/{task}": config["eval_size"] for task in MINI_TASKS}}
+    keys = set()
+    for folder, count in expected.items():
+        samples = _samples(tiny_world, folder)
+        assert len(samples) == count, folder
+        for sample in samples:
+            image = Image.open(io.BytesIO(sample["png"]))
+            assert image.size == (64, 64) and image.mode == "RGB"
+            meta = json.loads(sample["json"])
+            assert meta["key"] == sample["__key__"]
+            assert {"shape", "color", "texture", "size", "position", "background", "style", "noisy"} <= meta.keys()
+            assert sample["txt"].decode().strip()
+            assert ("label" in meta) == folder.startswith("eval/")
+            keys.add(sample["__key__"])
+    assert len(keys) == sum(expected.values())  # keys unique across the whole world
+
+
+def test_concept_distribution_follows_the_config(tiny_world):
+    summary = json.loads((tiny_world / "world.json").read_text())
+    config = summary["config"]
+    for corpus, styles in (("pretrain", config["pretrain_styles"]), ("kb", config["kb_styles"])):
+        metas = [json.loads(s["json"]) for s in _samples(tiny_world, corpus)]
+        total = len(metas)
+        recount = {style: sum(m["style"] == style for m in metas) for style in STYLES}
+        assert recount == summary["counts"][corpus]["style"]  # world.json counts what is on disk
+        for style, share in styles.items():
+            assert _within(recount[style], total, share), (corpus, style, recount)
+        for attribute, classes in (("shape", SHAPES), ("color", list(COLORS))):
+            for name in classes:
+                assert _within(sum(m[attribute] == name for m in metas), total, 1 / len(classes)), (corpus, name)
+        noisy = sum(m["noisy"] for m in metas)
+        assert _within(noisy, total, config["noise_rate"]), (corpus, noisy)
+
+
+def test_eval_sets_are_balanced_clean_and_in_the_task_style(tiny_world):
+    for name, spec in MINI_TASKS.items():
+        task = json.loads((tiny_world / "tasks" / f"{name}.json").read_text())
+        metas = [json.loads(s["json"]) for s in _samples(tiny_world, f"eval/{name}")]
+        labels = [m["label"] for m in metas]
+        assert all(task["classnames"][m["label"]] == m[spec["attribute"]] for m in metas)
+        per_class = [labels.count(i) for i in range(len(task["classnames"]))]
+        assert max(per_class) - min(per_class) <= 1, (name, per_class)
+        assert all(m["style"] == spec["style"] and not m["noisy"] for m in metas)
+
+
+def test_eval_images_never_appear_in_a_corpus(tiny_world):
+    def digests(folder):
+        return {hashlib.sha256(s["png"]).hexdigest() for s in _samples(tiny_world, folder)}
+
+    corpora = digests("pretrain") | digests("kb")
+    for name in MINI_TASKS:
+        assert not digests(f"eval/{name}") & corpora, name
+
+
+def test_clean_captions_name_both_classes_and_any_non_photo_style(tiny_world):
+    checked = {style: 0 for style in STYLES}
+    for sample in _samples(tiny_world, "kb"):
+        meta, caption = json.loads(sample["json"]), sample["txt"].decode()
+        if meta["noisy"]:
+            continue
+        words = caption.replace(",", " ").replace(".", " ").split()
+        assert meta["shape"] in words and meta["color"] in words, caption
+        named = {style for style, cues in STYLE_WORDS.items() if any(cue in caption for cue in cues)}
+        assert named == ({meta["style"]} if meta["style"] != "photo" else set()), (meta["style"], caption)
+        checked[meta["style"]] += 1
+    assert all(checked.values()), checked  # every style was seen
