@@ -31,6 +31,10 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
 MAX_LISTED_SKIPS = 1000  # per reason; the counts stay exact beyond it
 
 
+class CorpusFormatError(ValueError):
+    """The corpus does not have the layout asked for (e.g. a wrong column name): fatal, unlike a bad shard."""
+
+
 @dataclass
 class Pair:
     key: str
@@ -138,6 +142,8 @@ def read_shard(shard: str, skips: SkipLog, columns: ParquetColumns | None = None
     reader = {"webdataset": _read_tar, "parquet": _read_parquet, "folder": _read_folder}[_shard_kind(shard)]
     try:
         yield from reader(shard, skips, columns or ParquetColumns())
+    except CorpusFormatError:
+        raise
     except Exception as err:  # noqa: BLE001 - any reading error only loses this shard's remainder
         skips.add("corrupt shard", f"{shard}: {type(err).__name__}: {err}")
 
@@ -172,7 +178,8 @@ def _read_parquet(shard, skips, columns):
         for row_number, row in enumerate(rows):
             for needed in (columns.caption, columns.image):
                 if needed not in row:
-                    raise KeyError(f"no column {needed!r} (columns: {list(row)}); set the column names")
+                    raise CorpusFormatError(f"{shard}: no column {needed!r} (it has {list(row)}); "
+                                            f"set the column names (--caption-column, --image-column)")
             key = str(row.get(columns.key, row_number))
             image, image_ext = _parquet_image(row[columns.image], base)
             extra = {k: v for k, v in row.items()

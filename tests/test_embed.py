@@ -1,0 +1,185 @@
+"""Corpus readers and the embed stage, on small real webdataset / parquet / folder corpora."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import webdataset as wds
+from PIL import Image
+
+from react_vl.data import CorpusFormatError, ParquetColumns, SkipLog, iter_corpus, list_shards
+from react_vl.embed import embed_corpus
+from react_vl.kb import KnowledgeBase, make_ids
+from react_vl.models import load_model
+
+MODEL = "mini-vit-test"
+
+
+def png_bytes(rng, size=24) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def make_shards(folder: Path, shards: int, per_shard: int, seed: int = 0) -> list[Path]:
+    """webdataset shards of random images with captions and a json sidecar (KEY.png/txt/json)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(shards):
+        paths.append(folder / f"kb-{s:06d}.tar")
+        with wds.TarWriter(str(paths[-1])) as sink:
+            for i in range(per_shard):
+                sink.write({"__key__": f"s{s}-{i:04d}", "png": png_bytes(rng), "txt": f"a red circle number {i}",
+                            "json": json.dumps({"shard": s, "index": i})})
+    return paths
+
+
+def run_cli(*args, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "react_vl.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)
+
+
+def test_list_shards_expands_braces_globs_and_folders(tmp_path):
+    make_shards(tmp_path / "c", 3, 1)
+    expected = [str((tmp_path / "c" / f"kb-{s:06d}.tar").resolve()) for s in range(3)]
+    assert list_shards(str(tmp_path / "c" / "kb-{000000..000002}.tar")) == expected
+    assert list_shards(str(tmp_path / "c" / "*.tar")) == expected
+    assert list_shards(str(tmp_path / "c")) == expected
+    with pytest.raises(FileNotFoundError, match="kb-000003.tar"):
+        list_shards(str(tmp_path / "c" / "kb-{000000..000009}.tar"))
+
+
+def test_parquet_and_image_folder_read_the_same_pairs_as_tar(tmp_path):
+    """One corpus in four layouts: tar, parquet with bytes, parquet with paths, image folder."""
+    (shard,) = make_shards(tmp_path / "tar", 1, 5)
+    pairs = list(iter_corpus(str(shard)))
+    folder = tmp_path / "folder" / "00000"
+    folder.mkdir(parents=True)
+    for p in pairs:
+        (folder / f"{p.key}.png").write_bytes(p.image)
+        (folder / f"{p.key}.txt").write_text(p.caption)
+    pq.write_table(pa.table({"key": [p.key for p in pairs], "text": [p.caption for p in pairs],
+                             "jpg": [p.image for p in pairs], "url": [f"http://x/{p.key}" for p in pairs]}),
+                   tmp_path / "bytes.parquet")
+    pq.write_table(pa.table({"name": [p.key for p in pairs], "caption": [p.caption for p in pairs],
+                             "image": [f"folder/00000/{p.key}.png" for p in pairs]}), tmp_path / "paths.parquet")
+
+    as_bytes = list(iter_corpus(str(tmp_path / "bytes.parquet"), columns=ParquetColumns("text", "jpg", "key")))
+    as_paths = list(iter_corpus(str(tmp_path / "paths.parquet"), columns=ParquetColumns(key="name")))
+    as_folder = list(iter_corpus(str(tmp_path / "folder")))
+    for other in (as_bytes, as_paths, as_folder):
+        assert [(p.key, p.caption, p.image) for p in other] == [(p.key, p.caption, p.image) for p in pairs]
+    assert as_bytes[0].extra == {"url": f"http://x/{pairs[0].key}"}
+    assert json.loads(pairs[0].extra["json"]) == {"shard": 0, "index": 0}
+    with pytest.raises(CorpusFormatError, match="caption"):  # a wrong column name is reported, not skipped silently
+        list(iter_corpus(str(tmp_path / "bytes.parquet")))
+
+
+def test_embed_writes_normalised_kb_and_counts_skips(tmp_path):
+    rng = np.random.default_rng(1)
+    good, truncated = make_shards(tmp_path / "c", 2, 6)
+    with wds.TarWriter(str(tmp_path / "c" / "kb-000002.tar")) as sink:  # one shard of bad pairs
+        sink.write({"__key__": "broken", "png": png_bytes(rng)[:40], "txt": "a cut-off image"})
+        sink.write({"__key__": "silent", "png": png_bytes(rng)})
+        sink.write({"__key__": "fine", "png": png_bytes(rng), "txt": "a good pair"})
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) * 2 // 3])  # a shard cut off mid-way: its head still counts
+    (tmp_path / "c" / "kb-000003.tar").write_bytes(b"not a tar file at all" * 50)
+
+    summary = embed_corpus(str(tmp_path / "c"), MODEL, None, tmp_path / "kb", batch_size=4, workers=2,
+                           progress=False)
+    kb = KnowledgeBase(tmp_path / "kb")
+    assert kb.parts == [0, 1, 2, 3] and kb.info["model"] == MODEL and kb.info["dim"] == 32
+    metadata = kb.metadata()
+    assert metadata.column_names[:4] == ["id", "key", "caption", "shard"] and "json" in metadata.column_names
+    keys = metadata.column("key").to_pylist()
+    assert keys[:6] == [f"s0-{i:04d}" for i in range(6)] and "fine" in keys and "broken" not in keys
+    assert 0 < keys.count("s1-0000") and not any(k.startswith("s1-0005") for k in keys)
+    assert metadata.column("id").to_pylist()[:6] == make_ids(0, 6).tolist()
+    counts = summary["skipped"]["counts"]
+    assert counts["undecodable image"] == 1 and counts["no caption"] == 1 and counts["corrupt shard"] == 2
+    assert summary["count"] == len(kb) == kb.info["count"]
+    assert json.loads((tmp_path / "kb" / "embed_summary.json").read_text())["count"] == len(kb)
+
+    images = kb.image_embeddings()
+    assert images.dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(images.astype(np.float32), axis=1), 1, atol=2e-3)
+    torch.manual_seed(0)  # embed's seed for randomly initialised models
+    model, preprocess, tokenizer = load_model(MODEL, None)
+    first = next(iter_corpus(str(good)))
+    with torch.inference_mode():
+        expected = model.encode_image(preprocess(Image.open(io.BytesIO(first.image)).convert("RGB"))[None])
+        expected_text = model.encode_text(tokenizer([first.caption]))
+    np.testing.assert_allclose(images[0], torch.nn.functional.normalize(expected, dim=-1)[0], atol=2e-3)
+    np.testing.assert_allclose(kb.text_embeddings()[0], torch.nn.functional.normalize(expected_text, dim=-1)[0],
+                               atol=2e-3)
+
+    with pytest.raises(ValueError, match="part 0 was made with"):  # resuming with another dtype is refused
+        embed_corpus(str(tmp_path / "c"), MODEL, None, tmp_path / "kb", dtype="float32", progress=False)
+
+
+def test_resume_after_sigkill_gives_identical_kb(tmp_path):
+    shards, per_shard = 6, 16
+    make_shards(tmp_path / "c", shards, per_shard)
+    args = [str(tmp_path / "c"), "--model", "mini-vit", "--batch-size", "4", "--workers", "1"]
+    killed = run_cli("embed", *args, "--out", str(tmp_path / "kb"))
+    first_part = tmp_path / "kb" / "metadata" / "metadata_0.parquet"
+    deadline = time.time() + 90
+    while not first_part.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    finished = len(list((tmp_path / "kb" / "metadata").glob("metadata_*.parquet")))
+    assert 1 <= finished < shards and not (tmp_path / "kb" / "kb.json").exists(), f"{finished} parts at kill"
+
+    resumed = run_cli("embed", *args, "--out", str(tmp_path / "kb"))
+    uninterrupted = run_cli("embed", *args, "--out", str(tmp_path / "kb_once"))
+    for run in (resumed, uninterrupted):
+        assert run.wait(timeout=120) == 0, run.stdout.read()
+
+    summary = json.loads((tmp_path / "kb" / "embed_summary.json").read_text())
+    assert summary["this_run"]["pairs"] == per_shard * (shards - finished) and summary["count"] == per_shard * shards
+    a, b = KnowledgeBase(tmp_path / "kb"), KnowledgeBase(tmp_path / "kb_once")
+    assert np.array_equal(a.image_embeddings(), b.image_embeddings())
+    assert np.array_equal(a.text_embeddings(), b.text_embeddings())
+    assert a.metadata().equals(b.metadata())
+    assert not list((tmp_path / "kb").rglob("*.tmp"))
+
+
+def test_torchrun_two_processes_equal_one(tmp_path):
+    make_shards(tmp_path / "c", 3, 10)
+    torchrun = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "react_vl.cli", "embed",
+         str(tmp_path / "c"), "--model", MODEL, "--out", str(tmp_path / "kb2"), "--batch-size", "4",
+         "--workers", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    embed_corpus(str(tmp_path / "c"), MODEL, None, tmp_path / "kb1", batch_size=4, workers=0, progress=False)
+    assert torchrun.wait(timeout=180) == 0, torchrun.stdout.read()[-3000:]
+
+    one, two = KnowledgeBase(tmp_path / "kb1"), KnowledgeBase(tmp_path / "kb2")
+    summary = json.loads((tmp_path / "kb2" / "embed_summary.json").read_text())
+    assert sorted(r["parts"] for r in summary["this_run"]["ranks"]) == [1, 2]  # shards 0, 2 -> rank 0; 1 -> rank 1
+    assert one.metadata().equals(two.metadata()) and one.info["count"] == two.info["count"] == 30
+    np.testing.assert_allclose(one.image_embeddings().astype(np.float32), two.image_embeddings(), atol=2e-3)
+    np.testing.assert_allclose(one.text_embeddings().astype(np.float32), two.text_embeddings(), atol=2e-3)
+
+
+def test_skip_log_counts_exactly_and_lists_a_bounded_sample():
+    skips = SkipLog()
+    for i in range(1500):
+        skips.add("no caption", f"k{i}")
+    merged = SkipLog()
+    merged.update(skips.to_dict())
+    merged.update(skips)
+    assert merged.counts["no caption"] == 3000 and len(merged.listed["no caption"]) == 1000
