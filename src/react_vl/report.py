@@ -42,6 +42,7 @@ figure { margin: 0; width: 132px; font-size: 0.78em; }
 figure img { width: 128px; height: 128px; image-rendering: pixelated; border: 1px solid #ccc; }
 figcaption { overflow-wrap: anywhere; } .noisy { color: #b3261e; font-weight: bold; }
 img.chart { max-width: 100%; }
+.tables { display: flex; flex-wrap: wrap; gap: 0 1.5em; align-items: flex-start; }
 """
 
 # Records script errors and undecodable images into #page-check once the page has loaded.
@@ -275,14 +276,14 @@ def _settings_section(summary: dict) -> str:
 
 # --- pieces --------------------------------------------------------------------------------------
 def _runs_table(demo_dir: Path) -> str:
-    """One row per customization run: its scalar summary fields (steps, time, trainable params)."""
+    """One column per customization run: its scalar summary fields (steps, time, trainable params)."""
     summaries = {d.name: _read_json_or_none(d / "summary.json") for d in _run_dirs(demo_dir)}
     summaries = {name: s for name, s in summaries.items() if s}
     if not summaries:
         return ""
-    columns = list(dict.fromkeys(k for s in summaries.values() for k, v in s.items() if _is_scalar(v)))
-    rows = [("", [_esc(name)] + [_cell(s.get(c)) for c in columns]) for name, s in summaries.items()]
-    return "<h3>Runs</h3>" + _table(["run"] + columns, rows)
+    fields = list(dict.fromkeys(k for s in summaries.values() for k, v in s.items() if _is_scalar(v)))
+    rows = [("", [_esc(field)] + [_cell(s.get(field)) for s in summaries.values()]) for field in fields]
+    return "<h3>Runs</h3>" + _table(["field", *summaries], rows)
 
 
 def _read_images(rows: list[dict], demo_dir: Path) -> tuple[dict, Counter]:
@@ -366,12 +367,13 @@ def _stats_html(stats, counts_as_shares: bool = True) -> str:
 
     walk(stats, "")
     body = _table(["field", "value"], [("", [_esc(k), _cell(v)]) for k, v in scalars]) if scalars else ""
+    tables = []
     for path, counts in count_tables:
         total = sum(counts.values())
         rows = [("", [_esc(name), _num(value), f"{100 * value / total:.1f}%" if total else ""])
                 for name, value in counts.items()]
-        body += f"<p><b>{_esc(path)}</b></p>" + _table(["name", "value", "share"], rows)
-    return body
+        tables.append(f"<div><b>{_esc(path)}</b>" + _table(["name", "count", "share"], rows) + "</div>")
+    return body + (f"<div class=\"tables\">{''.join(tables)}</div>" if tables else "")
 
 
 def _chart(figure: Figure, alt: str) -> str:
@@ -434,7 +436,7 @@ def _num(value) -> str:
         return ""
     if isinstance(value, int):
         return f"{value:,}"
-    return f"{value:.3g}" if abs(value) < 1 else f"{value:,.1f}"
+    return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.1f}"
 
 
 def _with_delta(value, reference) -> str:
