@@ -1,0 +1,178 @@
+import io
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from click.testing import CliRunner
+from PIL import Image
+
+from react_vl.cli import main
+from react_vl.evaluate import (evaluate, extract_features, image_text_retrieval, open_eval_data,
+                               parse_model_spec, zero_shot)
+from react_vl.models import load_model, save_model
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+TASK = SimpleNamespace(name="colors", classnames=list(COLORS), templates=["a {} square.", "a photo of {}."],
+                       metric="accuracy")
+
+
+def _png(color, seed) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(color) + rng.integers(-20, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_shards(folder: Path, per_class=4, shards=2, label_offset=0) -> Path:
+    """Colour squares as webdataset shards: KEY.png, KEY.txt caption, KEY.json label (round-robin over shards)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    writers = [wds.TarWriter(str(folder / f"eval-{i:06d}.tar")) for i in range(shards)]
+    for n, (label, name) in enumerate((label, name) for _ in range(per_class) for label, name in enumerate(COLORS)):
+        writers[n % shards].write({"__key__": f"{n:05d}", "png": _png(COLORS[name], n),
+                                   "txt": f"a {name} square.", "json": json.dumps({"label": label + label_offset})})
+    for writer in writers:
+        writer.close()
+    return folder
+
+
+class OracleModel(torch.nn.Module):
+    """Knows the answer: images -> one-hot of the dominant channel, texts -> one-hot of the colour word."""
+
+    def __init__(self):
+        super().__init__()
+        self.logit_scale = torch.nn.Parameter(torch.tensor(np.log(100.0)))
+
+    def encode_image(self, images, normalize=False):
+        return torch.nn.functional.one_hot(images.mean(dim=(2, 3)).argmax(1), 3).float()
+
+    def encode_text(self, tokens, normalize=False):
+        return torch.nn.functional.one_hot(tokens, 3).float()
+
+
+def oracle_tokenizer(texts):
+    return torch.tensor([next(i for i, name in enumerate(COLORS) if name in text) for text in texts])
+
+
+def to_tensor(image):
+    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+
+
+def test_model_spec_syntax():
+    assert parse_model_spec("base=mini-vit@runs/base.pt") == parse_model_spec("base=mini-vit@runs/base.pt")
+    spec = parse_model_spec("gated=@runs/g/model.pt")
+    assert (spec.label, spec.name, spec.pretrained) == ("gated", None, "runs/g/model.pt")
+    spec = parse_model_spec("ViT-B-32@openai")
+    assert (spec.label, spec.name, spec.pretrained) == ("ViT-B-32@openai", "ViT-B-32", "openai")
+    assert parse_model_spec("rand=mini-vit").pretrained is None
+    with pytest.raises(ValueError, match="neither a model nor weights"):
+        parse_model_spec("x=@")
+
+
+def test_oracle_scores_perfectly_on_shards_read_by_two_workers(tmp_path):
+    shards = make_shards(tmp_path / "eval", per_class=5)
+    features = extract_features(OracleModel(), open_eval_data(str(shards), to_tensor), batch_size=4, workers=2)
+    assert len(features.keys) == 15 and features.skipped == []
+    report = zero_shot(OracleModel(), oracle_tokenizer, TASK, features, "cpu")
+    assert report["score"] == 1.0 and report["top1"] == 1.0
+    assert report["confusion_matrix"] == [[5, 0, 0], [0, 5, 0], [0, 0, 5]]
+    assert set(report["per_class_accuracy"].values()) == {1.0}
+    recall = image_text_retrieval(OracleModel(), oracle_tokenizer, features, "cpu")
+    # the oracle sees colours only: the 5 images (and captions) of a colour tie, so R@1 is down to tie-breaking
+    # but R@5 finds every image's own caption and every caption's own image
+    assert recall["image_to_text_R@5"] == 1.0 and recall["text_to_image_R@5"] == 1.0
+    assert recall["captions"] == 15
+
+
+def test_corrupt_samples_and_shards_are_skipped_and_counted(tmp_path):
+    shards = make_shards(tmp_path / "eval", per_class=2, shards=1)
+    with wds.TarWriter(str(shards / "eval-000001.tar")) as writer:
+        writer.write({"__key__": "bad", "png": b"not a png", "json": json.dumps({"label": 0})})
+    (shards / "eval-000002.tar").write_bytes(b"\x00" * 100 + b"garbage")
+    features = extract_features(OracleModel(), open_eval_data(str(shards), to_tensor), workers=0)
+    assert len(features.keys) == 6
+    assert len(features.skipped) == 2
+    assert any("unreadable image" in reason and "bad" in reason for reason in features.skipped)
+    assert any("eval-000002.tar" in reason for reason in features.skipped)
+
+
+def test_class_folders_match_names_and_mismatches_say_where(tmp_path):
+    for name in ["Red", "green", "blue"]:
+        (tmp_path / "folders" / name).mkdir(parents=True)
+        for i in range(2):
+            (tmp_path / "folders" / name / f"{i}.png").write_bytes(_png(COLORS[name.lower()], i))
+    features = extract_features(OracleModel(), open_eval_data(str(tmp_path / "folders"), to_tensor, TASK.classnames),
+                                workers=0)
+    assert zero_shot(OracleModel(), oracle_tokenizer, TASK, features, "cpu")["score"] == 1.0
+    (tmp_path / "folders" / "purple").mkdir()
+    with pytest.raises(ValueError, match=r"folders.*4 folders; not a class: \['purple'\]"):
+        open_eval_data(str(tmp_path / "folders"), to_tensor, TASK.classnames)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        open_eval_data(str(tmp_path / "nowhere"), to_tensor)
+
+
+def test_labels_beyond_the_task_classes_are_an_error(tmp_path):
+    shards = make_shards(tmp_path / "eval", per_class=1, shards=1, label_offset=1)
+    features = extract_features(OracleModel(), open_eval_data(str(shards), to_tensor), workers=0)
+    with pytest.raises(ValueError, match="go up to 3 but the task has 3 classes"):
+        zero_shot(OracleModel(), oracle_tokenizer, TASK, features, "cpu")
+
+
+def test_captioned_json_set_gives_recall_both_ways(tmp_path):
+    entries = []
+    for i, name in enumerate(COLORS):
+        (tmp_path / f"{name}.png").write_bytes(_png(COLORS[name], i))
+        entries.append({"image": f"{name}.png", "captions": [f"{name} block", f"something {name}"]})
+    (tmp_path / "captions.json").write_text(json.dumps(entries))
+    features = extract_features(OracleModel(), open_eval_data(str(tmp_path / "captions.json"), to_tensor), workers=0)
+    recall = image_text_retrieval(OracleModel(), oracle_tokenizer, features, "cpu")
+    assert recall["image_to_text_R@1"] == 1.0 and recall["text_to_image_R@1"] == 1.0
+    assert (recall["images"], recall["captions"]) == (3, 6)
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model, _, _ = load_model("mini-vit-test")
+        save_model(folder / f"m{seed}.pt", model, "mini-vit-test")
+    return folder
+
+
+def test_side_by_side_writes_tables_with_deltas_and_reuses_cached_features(tmp_path, two_checkpoints):
+    data = {"colors": str(make_shards(tmp_path / "eval", per_class=6))}
+    models = [f"base=mini-vit-test@{two_checkpoints / 'm0.pt'}", f"same=@{two_checkpoints / 'm0.pt'}",
+              f"other=@{two_checkpoints / 'm1.pt'}"]
+    results = evaluate(models, [TASK], data=data, out=tmp_path / "EVAL", probe_shots=[2, "full"], probe_seeds=2,
+                       workers=0)
+    assert results["cache_hits"] == 1  # "same" has the same weights as "base"
+    zero = results["zero_shot"]["colors"]
+    assert zero["same"] == zero["base"] and zero["base"]["count"] == 18
+    row = results["table"][0]
+    assert row["measure"] == "zero-shot accuracy" and row["Δ same"] == 0.0
+    assert row["Δ other"] == pytest.approx(row["other"] - row["base"], abs=1e-4)
+    assert {r["measure"] for r in results["table"]} >= {"image to text R@1", "linear probe 2-shot",
+                                                        "linear probe full-shot"}
+    for name in ("results.json", "table.md", "table.csv", "table.json", "chart.png"):
+        assert (tmp_path / "EVAL" / name).stat().st_size > 0
+    assert "| task | measure | base | same | other | Δ same | Δ other |" in (tmp_path / "EVAL" / "table.md").read_text()
+    again = evaluate(models, [TASK], data=data, out=tmp_path / "EVAL", workers=0)
+    assert again["cache_hits"] == 3 and again["zero_shot"] == results["zero_shot"]
+
+
+def test_cli_evaluate_prints_the_table(tmp_path, two_checkpoints, monkeypatch):
+    import react_vl.evaluate as evaluate_module
+
+    monkeypatch.setattr(evaluate_module, "_resolve_task", lambda task, data: TASK if task == "colors" else task)
+    make_shards(tmp_path / "eval" / "colors", per_class=2, shards=1)
+    result = CliRunner().invoke(main, ["evaluate", "--model", f"base=@{two_checkpoints / 'm0.pt'}",
+                                       "--task", "colors", "--data", str(tmp_path), "--out", str(tmp_path / "EVAL"),
+                                       "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "| colors | zero-shot accuracy |" in result.output
+    assert (tmp_path / "EVAL" / "results.json").is_file()
