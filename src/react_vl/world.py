@@ -391,10 +391,10 @@ def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None
         raise ValueError(f"{world_json} was generated with a different config; use another --out folder "
                          f"or delete {out_dir}")
     write_json({"config": asdict(config), "complete": False}, world_json)  # claims the folder
-    for name, spec in MINI_TASKS.items():
-        write_json({"name": name, "classnames": ATTRIBUTE_CLASSES[spec["attribute"]], "templates": spec["templates"],
-                    "metric": "accuracy", "role": spec["role"], "attribute": spec["attribute"],
-                    "style": spec["style"], "eval": f"eval/{name}"}, out_dir / "tasks" / f"{name}.json")
+    from .tasks import get_task  # tasks builds the mini tasks from this module's MINI_TASKS
+
+    for name in MINI_TASKS:
+        write_json({**get_task(name).to_dict(), "eval": f"eval/{name}"}, out_dir / "tasks" / f"{name}.json")
 
     jobs = _jobs(out_dir, config)
     workers = config.workers or os.cpu_count() or 1
