@@ -4,6 +4,7 @@ Every command only parses options and calls the stage's function; the work lives
 modules (react_vl.world, .embed, .index, .retrieve, .materialize, .train, .evaluate, .demo).
 """
 
+import json
 import shlex
 import sys
 
@@ -28,16 +29,43 @@ def main():
 
 # --- world -------------------------------------------------------------------------------------
 @main.command()
-def world():
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the world into (WORLD/).")
+@click.option("--seed", default=0, help="World seed: same seed, byte-identical shards.")
+@click.option("--pretrain-size", default=100_000, help="Pairs in the pretraining corpus (photo-dominated).")
+@click.option("--kb-size", default=200_000, help="Pairs in the knowledge-base corpus (every style, rare ones a few percent).")
+@click.option("--eval-size", default=1_000, help="Evaluation images per task, classes balanced.")
+@click.option("--noise-rate", default=0.10, help="Share of corpus captions that are mismatched or irrelevant junk.")
+@click.option("--shard-size", default=5_000, help="Pairs per webdataset shard.")
+@click.option("--workers", default=None, type=int, help="Generator processes [default: one per CPU core].")
+def world(out, seed, pretrain_size, kb_size, eval_size, noise_rate, shard_size, workers):
     """Generate the mini world: pretraining corpus, knowledge base and evaluation tasks as shards."""
-    _not_built("world", 2)
+    from .world import WorldConfig, generate_world
+
+    config = WorldConfig(seed=seed, pretrain_size=pretrain_size, kb_size=kb_size, eval_size=eval_size,
+                         noise_rate=noise_rate, shard_size=shard_size, workers=workers)
+    summary = generate_world(out, config)
+    click.echo(f"{out}: {summary['shards']['total']} shards ({summary['shards']['reused']} reused), "
+               f"{summary['pairs_per_second']} pairs/s; counts in {out}/world.json")
 
 
 # --- tasks -------------------------------------------------------------------------------------
 @main.command()
-def tasks():
-    """List built-in tasks, or show one."""
-    _not_built("tasks", 2)
+@click.argument("name", required=False)
+def tasks(name):
+    """List built-in tasks, or show one (NAME: a built-in name or a .yaml/.json task file)."""
+    from .tasks import get_task, list_tasks
+
+    if name is None:
+        for task_name in list_tasks():
+            task = get_task(task_name)
+            click.echo(f"{task_name:20s} {len(task.classnames):5d} classes  {len(task.templates):3d} templates  "
+                       f"{task.metric}" + (f"  ({task.role}: {task.attribute}, {task.style})" if task.role else ""))
+        return
+    try:
+        task = get_task(name)
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(json.dumps(task.to_dict(), indent=2))
 
 
 # --- embed -------------------------------------------------------------------------------------
