@@ -92,3 +92,16 @@ def test_unknown_names_suggest_close_matches(tmp_path):
         get_task(tmp_path / "nope.yaml")
     with pytest.raises(ValueError, match="template"):
         Task("x", ["a"], [])
+
+
+def test_cli_lists_and_shows_tasks():
+    from click.testing import CliRunner
+
+    from react_vl.cli import main
+
+    listing = CliRunner().invoke(main, ["tasks"])
+    assert listing.exit_code == 0 and len(listing.output.splitlines()) == len(list_tasks())
+    shown = CliRunner().invoke(main, ["tasks", "mini-color-night"])
+    assert shown.exit_code == 0 and json.loads(shown.output) == get_task("mini-color-night").to_dict()
+    unknown = CliRunner().invoke(main, ["tasks", "imagenet"])
+    assert unknown.exit_code == 1 and "did you mean imagenet-1k" in unknown.output

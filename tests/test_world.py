@@ -127,3 +127,17 @@ def test_clean_captions_name_both_classes_and_any_non_photo_style(tiny_world):
         assert named == ({meta["style"]} if meta["style"] != "photo" else set()), (meta["style"], caption)
         checked[meta["style"]] += 1
     assert all(checked.values()), checked  # every style was seen
+
+
+def test_cli_writes_a_world_with_the_config_defaults(tmp_path):
+    from click.testing import CliRunner
+
+    from react_vl.cli import main
+
+    defaults = {param.name: param.default for param in main.commands["world"].params if param.name != "out"}
+    assert defaults == {name: getattr(WorldConfig(), name) for name in defaults}  # one source of defaults
+    result = CliRunner().invoke(main, ["world", "--out", str(tmp_path), "--seed", "5", "--pretrain-size", "20",
+                                       "--kb-size", "20", "--eval-size", "8", "--shard-size", "20", "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads((tmp_path / "world.json").read_text())
+    assert summary["config"]["seed"] == 5 and summary["counts"]["kb"]["total"] == 20
