@@ -1,56 +1,52 @@
-"""The HTML report: built from a small demo folder of real files, checked in headless Chromium."""
+"""The HTML report: built from a demo folder around a real tiny world, checked in headless Chromium."""
 
 import html
-import io
 import json
 import re
 import shutil
 import subprocess
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import webdataset as wds
-from PIL import Image, ImageDraw
 
-from react_vl.report import write_report
+from react_vl.data import SkipLog, list_shards, read_shard
+from react_vl.report import NOISE_SAMPLES, SAMPLES_PER_CLASS, write_report
 
 TASKS = {
-    "shape-sketch": {"role": "target", "metric": "accuracy", "base": 79.9, "gated-image": 90.9, "locked-text": 94.4},
-    "shape-photo": {"role": "control", "metric": "accuracy", "base": 99.3, "gated-image": 97.9, "locked-text": 94.3},
+    "mini-shape-sketch": {"role": "target", "metric": "accuracy", "base": 79.9, "gated-image": 90.9,
+                          "locked-text": 94.4},
+    "mini-shape-photo": {"role": "control", "metric": "accuracy", "base": 99.3, "gated-image": 97.9,
+                         "locked-text": 94.3},
 }
-CLASSES = ["circle", "square"]
 PER_CLASS = {"base": {"circle": 0.5, "square": 0.75}, "gated-image": {"circle": 0.875, "square": 0.625}}
+CHARTS = 3  # gates, loss curves, accuracy curves
 
 
-def _png(color: str, shape: str) -> bytes:
-    image = Image.new("RGB", (32, 32), "white")
-    draw = ImageDraw.Draw(image)
-    (draw.ellipse if shape == "circle" else draw.rectangle)((6, 6, 26, 26), outline=color, width=2)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _make_demo(demo):
-    """A demo folder as the stages write it: shards, retrieved parquet, logs and summaries."""
-    shard = demo / "world" / "kb" / "kb-000000.tar"
-    shard.parent.mkdir(parents=True)
+def _retrieved_rows(world) -> list[dict]:
+    """The world's sketch pairs as retrieve would list them; noisy captions get the lowest scores."""
     rows = []
-    with wds.TarWriter(str(shard)) as writer:
-        for i in range(12):
-            shape = CLASSES[i % 2]
-            key = f"kb{i:06d}"
-            attributes = {"shape": shape, "style": "sketch", "noisy": i == 11}
-            writer.write({"__key__": key, "png": _png("black", shape), "txt": f"a sketch of a {shape}",
-                          "json": json.dumps(attributes).encode()})
-            rows.append({"id": i, "key": key, "caption": f"a sketch of a {shape}", "shard": str(shard),
-                         "score": 0.2 + 0.01 * i, "classes": [shape], "queries": [f"a sketch of a {shape}."],
-                         "modes": ["t2t"], "json": json.dumps(attributes)})
-    corrupt = demo / "world" / "kb" / "kb-000001.tar"
+    for shard in list_shards(str(world / "kb")):
+        for pair in read_shard(shard, SkipLog()):
+            attributes = json.loads(pair.extra["json"])
+            if attributes["style"] == "sketch":
+                score = (0.1 if attributes["noisy"] else 0.3) + 0.001 * len(rows)
+                rows.append({"id": len(rows), "key": pair.key, "caption": pair.caption, "shard": shard,
+                             "score": score, "classes": [attributes["shape"]], "queries": ["a sketch of a x."],
+                             "modes": ["t2t"], "json": pair.extra["json"]})
+    return rows
+
+
+def _make_demo(demo, world) -> list[dict]:
+    """A demo folder as the stages write it (world, retrieved parquet, logs, summaries); its rows."""
+    demo.mkdir()
+    (demo / "world").symlink_to(world, target_is_directory=True)
+    rows = _retrieved_rows(world)
+    corrupt = demo / "corrupt-000000.tar"
     corrupt.write_bytes(b"this is not a tar file" * 40)
-    rows.append({**rows[0], "id": 99, "key": "kb000099", "shard": str(corrupt), "score": 0.1})
-    retrieved = demo / "retrieved" / "shape-sketch"
+    rows.append({**rows[0], "id": len(rows), "key": "lost", "shard": str(corrupt), "score": 0.0})
+    retrieved = demo / "retrieved" / "mini-shape-sketch"
     retrieved.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), retrieved / "retrieved.parquet")
     (retrieved / "summary.json").write_text(json.dumps(
@@ -63,17 +59,16 @@ def _make_demo(demo):
     run.mkdir(parents=True)
     log = [{"step": s, "loss": 2.0 - s / 20, "gates": {"4": {"attn": s / 50, "dense": -s / 80},
                                                      "5": {"attn": s / 40, "dense": s / 90}},
-            "eval": {"shape-sketch": 80 + s, "shape-photo": 99 - s / 5}} for s in range(10)]
+            "eval": {"mini-shape-sketch": 80 + s, "mini-shape-photo": 99 - s / 5}} for s in range(10)]
     (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in log) + "{not json\n")
     (run / "summary.json").write_text(json.dumps({"steps": 10, "time_s": 3.2, "trainable_params": 1234}))
     (demo / "eval").mkdir()
-    (demo / "eval" / "results.json").write_text(json.dumps({"zero_shot": {"shape-sketch": {
+    (demo / "eval" / "results.json").write_text(json.dumps({"zero_shot": {"mini-shape-sketch": {
         model: {"metric": "accuracy", "per_class_accuracy": accuracies} for model, accuracies in PER_CLASS.items()}}}))
-    (demo / "world" / "world.json").write_text(json.dumps(
-        {"seed": 0, "counts": {"kb": {"style": {"photo": 900, "sketch": 40}}}}))
     (demo / "summary.json").write_text(json.dumps(
         {"tasks": TASKS, "stages": {"world": 2.5, "train": 60.0},
          "settings": {"seed": 0, "steps": 10}, "versions": {"torch": "2.14.1"}}))
+    return rows
 
 
 @pytest.fixture(scope="module")
@@ -95,31 +90,34 @@ def _page_check(chromium, page, tmp_path) -> dict:
     return json.loads(html.unescape(found.group(1)))
 
 
-def test_report_loads_in_chromium_without_broken_images_or_errors(tmp_path, chromium):
+def test_report_loads_in_chromium_without_broken_images_or_errors(tmp_path, chromium, tiny_world):
     demo = tmp_path / "demo"
-    _make_demo(demo)
+    rows = _make_demo(demo, tiny_world)
     page = write_report(demo)
     text = page.read_text()
 
     check = _page_check(chromium, page, tmp_path)
     assert check["broken_images"] == [] and check["script_errors"] == []
-    # 2 classes x 4 best + the 8 lowest (one of them in the corrupt shard, so not shown) + 3 charts
-    assert check["images"] == 2 * 4 + 7 + 3
+    per_class = Counter(row["classes"][0] for row in rows if row["key"] != "lost")
+    lowest = sorted(rows, key=lambda row: row["score"])[:NOISE_SAMPLES]
+    shown = sum(min(n, SAMPLES_PER_CLASS) for n in per_class.values()) + len(lowest) - 1  # "lost" is not shown
+    assert check["images"] == shown + CHARTS
     assert 'src="http' not in text and "<link" not in text, "the page must not need the network"
+    assert text.count('class="noisy"') == sum(json.loads(r["json"])["noisy"] for r in lowest if r["key"] != "lost")
     for task, result in TASKS.items():
         assert task in text
         assert f"({result['gated-image'] - result['base']:+.1f})" in text
-    assert text.index("shape-sketch") < text.index("shape-photo"), "targets come before controls"
-    for name in CLASSES:
+    assert text.index("mini-shape-sketch") < text.index("mini-shape-photo"), "targets come before controls"
+    for name in PER_CLASS["base"]:
         change = 100 * (PER_CLASS["gated-image"][name] - PER_CLASS["base"][name])
         assert f"({change:+.1f})" in text
     assert "1 in corrupt shards" in text and "1 unreadable log line" in text
-    assert "noisy caption" in text and "world.json" not in text  # present files give tables, not notes
+    assert "world/world.json not found" not in text and "counts.kb.style" in text
 
 
-def test_page_check_catches_a_broken_image_and_a_script_error(tmp_path, chromium):
+def test_page_check_catches_a_broken_image_and_a_script_error(tmp_path, chromium, tiny_world):
     demo = tmp_path / "demo"
-    _make_demo(demo)
+    _make_demo(demo, tiny_world)
     page = write_report(demo)
     page.write_text(page.read_text().replace(
         "</body>", '<img src="data:image/png;base64,AAAA" alt="broken one">'

@@ -334,7 +334,8 @@ def _sample_grid(rows: list[dict], images: dict) -> str:
         if uri is None:
             continue
         attributes = _parse_attributes(row.get("json"))
-        noisy = " <span class=\"noisy\">noisy caption</span>" if attributes.get("noisy") else ""
+        kind = attributes.get("noise") or "noisy"  # the mini world names the kind: mismatched, irrelevant
+        noisy = f" <span class=\"noisy\">{_esc(kind)} caption</span>" if attributes.get("noisy") else ""
         figures.append(
             f"<figure title=\"{_esc(json.dumps(attributes))}\"><img src=\"{uri}\" alt=\"{_esc(row['key'])}\">"
             f"<figcaption>score {row['score']:.3f}{noisy}<br>{_esc(row.get('caption', ''))}</figcaption></figure>")
