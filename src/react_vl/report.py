@@ -93,6 +93,7 @@ def write_report(demo_dir) -> Path:
     out = demo_dir / "report.html"
     with atomic_path(out) as tmp:
         tmp.write_text(page, encoding="utf-8")
+        tmp.chmod(0o644)  # a page to share; the temporary file starts private (0600)
     return out
 
 
@@ -338,7 +339,8 @@ def _sample_grid(rows: list[dict], images: dict) -> str:
         noisy = f" <span class=\"noisy\">{_esc(kind)} caption</span>" if attributes.get("noisy") else ""
         figures.append(
             f"<figure title=\"{_esc(json.dumps(attributes))}\"><img src=\"{uri}\" alt=\"{_esc(row['key'])}\">"
-            f"<figcaption>score {row['score']:.3f}{noisy}<br>{_esc(row.get('caption', ''))}</figcaption></figure>")
+            f"<figcaption>score {row['score']:.3f} {_esc('+'.join(row.get('modes') or []))}{noisy}<br>"
+            f"{_esc(row.get('caption', ''))}</figcaption></figure>")
     return f"<div class=\"grid\">{''.join(figures)}</div>" if figures else _note("no images could be read.")
 
 
