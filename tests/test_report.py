@@ -49,6 +49,10 @@ def _make_demo(demo, world) -> list[dict]:
     retrieved = demo / "retrieved" / "mini-shape-sketch"
     retrieved.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), retrieved / "retrieved.parquet")
+    random_control = demo / "retrieved" / "random"  # the demo's random subset: not a task, no scores
+    random_control.mkdir()
+    pq.write_table(pa.Table.from_pylist([{k: rows[1][k] for k in ("id", "key", "caption", "shard")}]),
+                   random_control / "retrieved.parquet")
     (retrieved / "summary.json").write_text(json.dumps(
         {"per_class": {"circle": 6, "square": 7}, "overlap": {"t2t_and_t2i": 0.8}, "time_s": 1.5}))
 
@@ -111,6 +115,7 @@ def test_report_loads_in_chromium_without_broken_images_or_errors(tmp_path, chro
     for name in PER_CLASS["base"]:
         change = 100 * (PER_CLASS["gated-image"][name] - PER_CLASS["base"][name])
         assert f"({change:+.1f})" in text
+    assert "also in retrieved/ (no grid, not a task): random." in text
     assert "1 in corrupt shards" in text and "1 unreadable log line" in text
     assert "world/world.json not found" not in text and "counts.kb.style" in text
 

@@ -73,7 +73,7 @@ def write_report(demo_dir) -> Path:
     sections = [
         _section("Before and after customization", _results_section(summary)),
         _section("Zero-shot accuracy per class", _per_class_section(demo_dir)),
-        _section("Retrieved samples", _samples_section(demo_dir)),
+        _section("Retrieved samples", _samples_section(demo_dir, tasks=summary.get("tasks"))),
         _section("Learned gate values", _gates_section(demo_dir)),
         _section("Training curves", _curves_section(demo_dir)),
         _section("Knowledge base and retrieval statistics", _statistics_section(demo_dir)),
@@ -143,12 +143,18 @@ def _per_class_section(demo_dir: Path) -> str:
     return body
 
 
-def _samples_section(demo_dir: Path) -> str:
-    """Top-scored retrieved pairs per class, and the lowest-scored ones (the noise), per task."""
-    task_dirs = sorted(p.parent for p in (demo_dir / "retrieved").glob("*/retrieved.parquet"))
-    if not task_dirs:
+def _samples_section(demo_dir: Path, tasks: dict | None) -> str:
+    """Top-scored retrieved pairs per class, and the lowest-scored ones (the noise), per task.
+
+    Only folders named after a task of summary.json get a grid (when it lists tasks); others,
+    such as a merged set or a random control, are named in a note.
+    """
+    folders = sorted(p.parent for p in (demo_dir / "retrieved").glob("*/retrieved.parquet"))
+    if not folders:
         return _note("no retrieved/<task>/retrieved.parquet found.")
-    body = ""
+    task_dirs = [f for f in folders if not tasks or f.name in tasks]
+    others = [f.name for f in folders if f not in task_dirs]
+    body = _note(f"also in retrieved/ (no grid, not a task): {', '.join(others)}.") if others else ""
     for task_dir in task_dirs:
         try:
             rows = pq.read_table(task_dir / "retrieved.parquet").to_pylist()
@@ -159,9 +165,9 @@ def _samples_section(demo_dir: Path) -> str:
         for row in rows:
             for name in row.get("classes") or ["(none)"]:
                 by_class[name].append(row)
-        shown = {name: sorted(group, key=lambda r: -r["score"])[:SAMPLES_PER_CLASS]
+        shown = {name: sorted(group, key=_score, reverse=True)[:SAMPLES_PER_CLASS]
                  for name, group in sorted(by_class.items())}
-        noise = sorted(rows, key=lambda r: r["score"])[:NOISE_SAMPLES]
+        noise = sorted(rows, key=_score)[:NOISE_SAMPLES]
         images, skipped = _read_images([*noise, *(r for g in shown.values() for r in g)], demo_dir)
         body += f"<h3>{_esc(task_dir.name)}: {len(rows):,} retrieved pairs</h3>"
         for name, group in shown.items():
@@ -339,9 +345,13 @@ def _sample_grid(rows: list[dict], images: dict) -> str:
         noisy = f" <span class=\"noisy\">{_esc(kind)} caption</span>" if attributes.get("noisy") else ""
         figures.append(
             f"<figure title=\"{_esc(json.dumps(attributes))}\"><img src=\"{uri}\" alt=\"{_esc(row['key'])}\">"
-            f"<figcaption>score {row['score']:.3f} {_esc('+'.join(row.get('modes') or []))}{noisy}<br>"
+            f"<figcaption>score {_score(row):.3f} {_esc('+'.join(row.get('modes') or []))}{noisy}<br>"
             f"{_esc(row.get('caption', ''))}</figcaption></figure>")
     return f"<div class=\"grid\">{''.join(figures)}</div>" if figures else _note("no images could be read.")
+
+
+def _score(row: dict) -> float:
+    return row.get("score") or 0.0
 
 
 def _parse_attributes(text) -> dict:
