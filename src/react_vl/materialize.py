@@ -73,9 +73,9 @@ def materialize(retrieved: str | Path, out: str | Path, kb: str | Path | None = 
     Returns the summary, also written to out/summary.json.
     """
     started = time.time()
+    rows = _read_retrieved(retrieved, kb)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = _read_retrieved(retrieved, kb)
     by_shard: dict[str, dict[str, dict]] = defaultdict(dict)
     url_rows, missing = [], SkipLog()
     for row in rows:
