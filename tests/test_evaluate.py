@@ -176,3 +176,24 @@ def test_cli_evaluate_prints_the_table(tmp_path, two_checkpoints, monkeypatch):
     assert result.exit_code == 0, result.output
     assert "| colors | zero-shot accuracy |" in result.output
     assert (tmp_path / "EVAL" / "results.json").is_file()
+
+
+def test_mini_world_tasks_by_name_with_retrieval_on_their_captions(tiny_world, two_checkpoints, tmp_path):
+    pytest.importorskip("react_vl.tasks")
+    tasks = ["mini-shape-photo", "mini-color-photo"]
+    results = evaluate([f"base=@{two_checkpoints / 'm0.pt'}"], tasks, data=tiny_world, out=tmp_path / "EVAL")
+    for task in tasks:
+        report = results["zero_shot"][task]["base"]
+        assert report["count"] == 80 and len(report["confusion_matrix"]) == len(report["per_class_accuracy"])
+        assert results["retrieval"][task]["base"]["captions"] >= 80
+    assert [row["task"] for row in results["table"]][:2] == tasks
+
+
+def test_trained_model_beats_chance_on_a_control_task(request, tiny_world, tmp_path):
+    try:
+        model_path = request.getfixturevalue("tiny_trained_model")
+    except pytest.FixtureLookupError:
+        pytest.skip("the tiny_trained_model fixture (tests/conftest.py) is not there yet")
+    results = evaluate([f"trained=@{model_path}"], ["mini-color-photo"], data=tiny_world, out=tmp_path / "EVAL")
+    report = results["zero_shot"]["mini-color-photo"]["trained"]
+    assert report["top1"] > 1.5 / len(report["per_class_accuracy"])
