@@ -197,3 +197,14 @@ def test_trained_model_beats_chance_on_a_control_task(request, tiny_world, tmp_p
     results = evaluate([f"trained=@{model_path}"], ["mini-color-photo"], data=tiny_world, out=tmp_path / "EVAL")
     report = results["zero_shot"]["mini-color-photo"]["trained"]
     assert report["top1"] > 1.5 / len(report["per_class_accuracy"])
+
+
+def test_clip_benchmark_data_needs_the_package_or_says_where_the_data_is_missing(tmp_path):
+    try:
+        import clip_benchmark  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install clip-benchmark"):
+            open_eval_data("clip_benchmark:cifar10", to_tensor)
+    else:
+        with pytest.raises(FileNotFoundError, match=f"cifar10.*{tmp_path}"):
+            open_eval_data(f"clip_benchmark:cifar10:{tmp_path}", to_tensor)

@@ -181,7 +181,9 @@ def evaluate(model_args, model_options, task_names, data, retrieval, probe_shots
                               probe_shots=shots, probe_seeds=probe_seeds, language_init=not no_language_init,
                               batch_size=batch_size, workers=workers, device=device)
     click.echo(open(f"{results['out']}/table.md").read())
-    click.echo(f"details: {out}/results.json, chart: {out}/chart.png")
+    skipped = sum(len(reasons) for reasons in results["skipped"].values())
+    click.echo(f"details: {out}/results.json, chart: {out}/chart.png; {skipped} unreadable samples skipped, "
+               f"{results['cache_hits']} feature sets from the cache")
 
 
 # --- demo / study ------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import braceexpand
 import numpy as np
 import open_clip
 import torch
@@ -188,11 +189,9 @@ def _captioned_items(path: Path):
 
 
 def _shards_in(path: str) -> list[str]:
-    import braceexpand
-
     if os.path.isdir(path):
         return sorted(str(p) for p in Path(path).glob("*.tar"))
-    return [s for s in braceexpand.braceexpand(path)]
+    return list(braceexpand.braceexpand(path))
 
 
 def open_eval_data(data: str, preprocess, classnames: list[str] | None = None) -> Dataset:
@@ -202,7 +201,7 @@ def open_eval_data(data: str, preprocess, classnames: list[str] | None = None) -
     path = Path(data)
     if path.suffix in (".json", ".csv") and path.is_file():
         return FileSamples(_captioned_items(path), preprocess)
-    if path.is_dir() and any(path.glob("*.tar")) or data.endswith(".tar") or "{" in data:
+    if (path.is_dir() and any(path.glob("*.tar"))) or data.endswith(".tar") or "{" in data:
         shards = _shards_in(data)
         missing = [s for s in shards if not os.path.exists(s)]
         if missing:
