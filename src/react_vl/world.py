@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image, ImageChops, ImageDraw
 from tqdm import tqdm
 
 from .utils import atomic_path, read_json, write_json
@@ -214,66 +214,78 @@ def _shape_mask(attrs: dict, rng: np.random.Generator, size: int) -> Image.Image
 
 
 @functools.cache
-def _pixel_grid(size: int) -> np.ndarray:
-    return np.mgrid[0:size, 0:size].astype(np.float32)
+def _texture_tiles(texture: str, size: int) -> list[np.ndarray]:
+    """Boolean pattern tiles (twice the image side) for a few periods and stripe angles; each
+    image takes a random window of one, so the phase varies too."""
+    y, x = np.mgrid[0:2 * size, 0:2 * size].astype(np.float32)
+    tiles = []
+    for period in np.array([5.0, 6.5, 8.0]) * size / 64:
+        if texture == "striped":
+            tiles += [((x * np.cos(theta) + y * np.sin(theta)) % period) < period / 2
+                      for theta in np.linspace(0, np.pi, 8, endpoint=False)]
+        elif texture == "dotted":
+            tiles.append((x % period - period / 2) ** 2 + (y % period - period / 2) ** 2 < (period / 3.2) ** 2)
+        elif texture == "checkered":
+            tiles.append(((x // period + y // period) % 2) == 1)
+    return tiles
 
 
 def _texture(texture: str, rng: np.random.Generator, size: int) -> np.ndarray:
-    """0/1 map of where the fill uses its second (darker) tone."""
-    y, x = _pixel_grid(size)
-    period = rng.uniform(5, 8) * size / 64
-    phase = rng.uniform(0, period)
-    if texture == "striped":
-        theta = rng.uniform(0, np.pi)
-        return ((x * np.cos(theta) + y * np.sin(theta) + phase) % period) < period / 2
-    if texture == "dotted":
-        return ((x + phase) % period - period / 2) ** 2 + ((y + phase) % period - period / 2) ** 2 < (period / 3.2) ** 2
-    if texture == "checkered":
-        return ((((x + phase) // period) + ((y + phase) // period)) % 2) == 1
-    return np.zeros((size, size), dtype=np.float32)
+    """Boolean map of where the fill uses its second (darker) tone."""
+    tiles = _texture_tiles(texture, size)
+    tile = tiles[rng.integers(len(tiles))]
+    y, x = rng.integers(0, size, 2)
+    return tile[y:y + size, x:x + size]
 
 
-_NOISE_TILE = np.random.default_rng(0).standard_normal((256, 256, 3)).astype(np.float32)
+# Noise around 128, added with an offset of -128: drawing fresh normals per image costs more than
+# the whole rendering, so each image takes a random window of this fixed tile.
+_NOISE_TILE = Image.fromarray(
+    np.clip(128 + 5 * np.random.default_rng(0).standard_normal((256, 256, 3)), 0, 255).astype(np.uint8))
+# Night: every channel darkened, blue least, plus a blue cast. Indexed as _NIGHT_LUT[value, channel].
+_NIGHT_LUT = np.clip(np.arange(256)[:, None] * np.array([0.32, 0.38, 0.6]) + np.array([0, 4, 30]), 0, 255).astype(np.uint8)
 
 
-def _noise(rng: np.random.Generator, size: int) -> np.ndarray:
-    """Gaussian pixel noise: a random window of a fixed tile (drawing fresh normals costs more
-    than the whole rendering)."""
-    y, x = rng.integers(0, _NOISE_TILE.shape[0] - size, 2)
-    return _NOISE_TILE[y:y + size, x:x + size]
+def _add_noise(image: Image.Image, rng: np.random.Generator) -> Image.Image:
+    size = image.size[0]
+    y, x = rng.integers(0, _NOISE_TILE.size[0] - size, 2)
+    return ImageChops.add(image, _NOISE_TILE.crop((x, y, x + size, y + size)), offset=-128)
 
 
-def _spread(alpha: np.ndarray, reduce) -> np.ndarray:
+def _spread(mask: np.ndarray, reduce) -> np.ndarray:
     """Grey-scale dilation (np.maximum) or erosion (np.minimum) by one pixel, 4-neighbourhood."""
-    padded = np.pad(alpha, ((1, 1), (1, 1), (0, 0)), mode="edge")
-    out = alpha.copy()
+    padded = np.pad(mask, 1, mode="edge")
+    out = mask.copy()
     for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-        out = reduce(out, padded[dy:dy + alpha.shape[0], dx:dx + alpha.shape[1]])
+        out = reduce(out, padded[dy:dy + mask.shape[0], dx:dx + mask.shape[1]])
     return out
 
 
 def render(attrs: dict, rng: np.random.Generator, size: int = 64) -> Image.Image:
-    """Draw one object in its style. Photo: textured fill on a lit, noisy background; sketch:
-    a coloured outline on paper; night: the photo darkened and blue-tinted; pixel: the photo
-    at a quarter resolution, enlarged without smoothing."""
-    alpha = np.asarray(_shape_mask(attrs, rng, size).resize((size, size), Image.BILINEAR),
-                       dtype=np.float32)[..., None] / 255
-    color = np.array(COLORS[attrs["color"]], dtype=np.float32)
-    if attrs["style"] == "sketch":  # outline band (dilated minus eroded silhouette) on paper
-        band = np.clip(_spread(alpha, np.maximum) - _spread(alpha, np.minimum), 0, 1)
-        paper = 242 + 4 * _noise(rng, size)[..., :1]
-        pixels = paper * (1 - band) + color * 0.85 * band
-    else:
-        fill = color * (1 - 0.45 * _texture(attrs["texture"], rng, size)[..., None])
-        light = np.linspace(rng.uniform(0.85, 1.0), rng.uniform(1.0, 1.15), size, dtype=np.float32)[:, None, None]
-        background = np.array(BACKGROUNDS[attrs["background"]], dtype=np.float32) * light
-        pixels = background * (1 - alpha) + fill * alpha + 6 * _noise(rng, size)
-        if attrs["style"] == "night":
-            pixels = pixels * np.array([0.32, 0.38, 0.6], dtype=np.float32) + np.array([0, 4, 30], dtype=np.float32)
-        elif attrs["style"] == "pixel":
-            low = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).resize((size // 4, size // 4), Image.BOX)
-            pixels = np.asarray(low.quantize(24, dither=Image.Dither.NONE).convert("RGB").resize((size, size), Image.NEAREST))
-    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
+    """Draw one object in its style. Photo: textured fill on a noisy background; sketch: a
+    coloured outline on paper; night: the photo darkened and blue-tinted; pixel: the photo at a
+    quarter resolution, enlarged without smoothing."""
+    mask = _shape_mask(attrs, rng, size).resize((size, size), Image.BILINEAR)
+    color = COLORS[attrs["color"]]
+    if attrs["style"] == "sketch":  # outline band: dilated minus eroded silhouette
+        alpha = np.asarray(mask)
+        band = Image.fromarray(_spread(alpha, np.maximum) - _spread(alpha, np.minimum))
+        ink = Image.new("RGB", (size, size), tuple(int(c * 0.85) for c in color))
+        return _add_noise(Image.composite(ink, Image.new("RGB", (size, size), (242, 242, 238)), band), rng)
+    brightness = rng.uniform(0.85, 1.1)
+    background = Image.new("RGB", (size, size), tuple(min(255, int(c * brightness)) for c in BACKGROUNDS[attrs["background"]]))
+    fill = Image.new("RGB", (size, size), color)
+    if attrs["texture"] != "solid":
+        shade = Image.new("RGB", (size, size), tuple(int(c * 0.55) for c in color))
+        fill = Image.composite(shade, fill, Image.fromarray(_texture(attrs["texture"], rng, size)))
+    image = Image.composite(fill, background, mask)
+    if attrs["style"] == "pixel":  # clean pixel art: 16x16 with 3 bits per channel, enlarged
+        low = np.asarray(image.resize((size // 4, size // 4), Image.BOX)) & 0xE0 | 0x10
+        return Image.fromarray(low).resize((size, size), Image.NEAREST)
+    image = _add_noise(image, rng)
+    if attrs["style"] == "night":
+        return Image.fromarray(_NIGHT_LUT[np.asarray(image), np.arange(3)])
+    return image
 
 
 # --- shards ---------------------------------------------------------------------------------------
@@ -314,7 +326,7 @@ def _generate_shard(job: dict) -> Counter:
             if task:
                 meta["label"] = label
             png = io.BytesIO()
-            image.save(png, format="PNG", compress_level=1)
+            image.save(png, format="PNG", compress_level=0)  # deflate was the largest cost; 12 KB a pair
             _tar_add(tar, f"{key}.png", png.getvalue())
             _tar_add(tar, f"{key}.txt", caption.encode())
             _tar_add(tar, f"{key}.json", json.dumps(meta).encode())
