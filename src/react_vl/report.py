@@ -309,6 +309,8 @@ def _read_images(rows: list[dict], demo_dir: Path) -> tuple[dict, Counter]:
         for pair in read_shard(str(path), shard_skips):
             if pair.key in keys and pair.key not in found and (uri := _image_uri(pair.image)):
                 found[pair.key] = uri
+                if len(found) == len(keys):  # the rest of the shard holds nothing wanted
+                    break
         images.update({(shard, key): uri for key, uri in found.items()})
         reason = "in corrupt shards" if shard_skips.counts["corrupt shard"] else "not found or undecodable"
         skipped[reason] += len(keys) - len(found)
