@@ -137,9 +137,56 @@ def materialize(retrieved, out, kb, maxcount, no_download):
 
 # --- customize ---------------------------------------------------------------------------------
 @main.command()
-def customize():
-    """Customize (or pretrain) a CLIP model on image-text shards."""
-    _not_built("customize", 4)
+@click.argument("shards")
+@click.option("--model", "model_name", default=None, help="open_clip model name (e.g. ViT-B-32, mini-vit); may be "
+              "omitted when --pretrained is a react-vl checkpoint.")
+@click.option("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path; omit to train from "
+              "random init (how the mini world's base model is pretrained, with --strategy full).")
+@click.option("--out", required=True, type=click.Path(), help="Run folder: model.pt, checkpoints/, log.jsonl, "
+              "summary.json, curves.png.")
+@click.option("--strategy", default="gated-image", type=click.Choice(
+    ["gated-image", "gated-image-text", "locked-text", "locked-image", "full"]), help="Which weights train.")
+@click.option("--gated-layers", default=None, help="Image-tower layers that get gated blocks: a count of last "
+              "layers ('6') or indices ('3,4,5'); default the last 6, or half of a shallower tower.")
+@click.option("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
+@click.option("--epochs", type=float, default=1.0, help="Passes over SHARDS (its summary.json count, else counted).")
+@click.option("--batch-size", type=int, default=64, help="Global batch per micro-step, over all processes.")
+@click.option("--accum-steps", type=int, default=1, help="Micro-steps accumulated per optimizer step.")
+@click.option("--lr", type=float, default=None, help="Peak learning rate; default 5e-4 for gated strategies and "
+              "random init, 5e-5 when tuning pretrained base weights.")
+@click.option("--gate-lr-scale", type=float, default=1.0, help="Learning-rate multiplier for the gate alphas.")
+@click.option("--weight-decay", type=float, default=0.05, help="AdamW weight decay (never on gains, biases, "
+              "gates, logit scale).")
+@click.option("--warmup", type=int, default=None, help="Linear warm-up steps before the cosine decay; default 5% "
+              "of the steps.")
+@click.option("--grad-clip", type=float, default=1.0, help="Gradient-norm clip; 0 turns it off.")
+@click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+              help="Autocast precision; auto = bf16 (fp16 on GPUs without bf16).")
+@click.option("--augment/--no-augment", default=False, help="The paper's augmentation (RandAugment, random "
+              "resized crop 0.08-1, colour jitter 0.4, random erasing 0.25).")
+@click.option("--train-logit-scale/--freeze-logit-scale", default=True, help="Train the temperature (the public "
+              "REACT code does) or keep the base model's.")
+@click.option("--mix-shards", default=None, help="A second (general) shard set mixed into every batch, to bound "
+              "forgetting.")
+@click.option("--mix-ratio", type=float, default=0.0, help="Share of every batch taken from --mix-shards.")
+@click.option("--checkpoint-every", type=int, default=100, help="Write RUN/checkpoints/step_N.pt every N steps.")
+@click.option("--keep-checkpoints", type=int, default=3, help="How many of the latest checkpoints to keep.")
+@click.option("--resume", default=None, help="Checkpoint path, or 'latest' for the newest in RUN/checkpoints.")
+@click.option("--log-every", type=int, default=10, help="Steps between log.jsonl records.")
+@click.option("--seed", type=int, default=0, help="Seed of the init, data order and augmentation.")
+@click.option("--workers", type=int, default=1, help="Data loader processes per rank.")
+@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun sets the rank's GPU).")
+def customize(shards, model_name, gated_layers, **options):
+    """Customize (or pretrain) a CLIP model on image-text webdataset SHARDS (a folder, a brace pattern or a glob).
+
+    Runs under torchrun as it is: torchrun --nproc-per-node 8 -m react_vl.cli customize ...
+    """
+    from .train import train
+
+    layers = None
+    if gated_layers:
+        layers = [int(i) for i in gated_layers.split(",")] if "," in gated_layers else int(gated_layers)
+    train(shards, model_name, options.pop("pretrained"), options.pop("out"), gated_layers_spec=layers, **options)
 
 
 # --- evaluate ----------------------------------------------------------------------------------
