@@ -12,7 +12,7 @@ from PIL import Image
 
 from react_vl.cli import main
 from react_vl.evaluate import (evaluate, extract_features, image_text_retrieval, open_eval_data,
-                               parse_model_spec, zero_shot)
+                               parse_model_spec, text_classifier, zero_shot)
 from react_vl.models import load_model, save_model
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -58,6 +58,10 @@ def oracle_tokenizer(texts):
     return torch.tensor([next(i for i, name in enumerate(COLORS) if name in text) for text in texts])
 
 
+def oracle_zero_shot(features):
+    return zero_shot(OracleModel(), text_classifier(OracleModel(), oracle_tokenizer, TASK, "cpu"), TASK, features)
+
+
 def to_tensor(image):
     return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
 
@@ -77,7 +81,7 @@ def test_oracle_scores_perfectly_on_shards_read_by_two_workers(tmp_path):
     shards = make_shards(tmp_path / "eval", per_class=5)
     features = extract_features(OracleModel(), open_eval_data(str(shards), to_tensor), batch_size=4, workers=2)
     assert len(features.keys) == 15 and features.skipped == []
-    report = zero_shot(OracleModel(), oracle_tokenizer, TASK, features, "cpu")
+    report = oracle_zero_shot(features)
     assert report["score"] == 1.0 and report["top1"] == 1.0
     assert report["confusion_matrix"] == [[5, 0, 0], [0, 5, 0], [0, 0, 5]]
     assert set(report["per_class_accuracy"].values()) == {1.0}
@@ -107,7 +111,7 @@ def test_class_folders_match_names_and_mismatches_say_where(tmp_path):
             (tmp_path / "folders" / name / f"{i}.png").write_bytes(_png(COLORS[name.lower()], i))
     features = extract_features(OracleModel(), open_eval_data(str(tmp_path / "folders"), to_tensor, TASK.classnames),
                                 workers=0)
-    assert zero_shot(OracleModel(), oracle_tokenizer, TASK, features, "cpu")["score"] == 1.0
+    assert oracle_zero_shot(features)["score"] == 1.0
     (tmp_path / "folders" / "purple").mkdir()
     with pytest.raises(ValueError, match=r"folders.*4 folders; not a class: \['purple'\]"):
         open_eval_data(str(tmp_path / "folders"), to_tensor, TASK.classnames)
@@ -119,7 +123,7 @@ def test_labels_beyond_the_task_classes_are_an_error(tmp_path):
     shards = make_shards(tmp_path / "eval", per_class=1, shards=1, label_offset=1)
     features = extract_features(OracleModel(), open_eval_data(str(shards), to_tensor), workers=0)
     with pytest.raises(ValueError, match="go up to 3 but the task has 3 classes"):
-        zero_shot(OracleModel(), oracle_tokenizer, TASK, features, "cpu")
+        oracle_zero_shot(features)
 
 
 def test_captioned_json_set_gives_recall_both_ways(tmp_path):

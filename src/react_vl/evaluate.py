@@ -305,13 +305,17 @@ def encode_texts(model, tokenizer, texts: list[str], device, batch_size: int = 2
     return torch.cat(chunks)
 
 
-def zero_shot(model, tokenizer, task, features: Features, device) -> dict:
-    """The CLIP classifier (open_clip's prompt-ensemble weights) scored with the task's own metric."""
-    check_labels(features, task)
+def text_classifier(model, tokenizer, task, device) -> torch.Tensor:
+    """D x C: per class, the mean of its normalised prompt embeddings, normalised again (open_clip's helper)."""
     with torch.inference_mode():
-        classifier = open_clip.build_zero_shot_classifier(model, tokenizer, task.classnames, task.templates,
-                                                          device=device).float().cpu()
-        logits = model.logit_scale.exp().float().cpu() * features.image @ classifier
+        return open_clip.build_zero_shot_classifier(model, tokenizer, task.classnames, task.templates,
+                                                    device=device).float().cpu()
+
+
+def zero_shot(model, classifier: torch.Tensor, task, features: Features) -> dict:
+    """Logits of every image against the text classifier, scored with the task's own metric."""
+    check_labels(features, task)
+    logits = model.logit_scale.exp().detach().float().cpu() * features.image @ classifier
     return metrics.classification_report(logits, features.labels, task.metric, list(task.classnames))
 
 
@@ -336,18 +340,16 @@ def image_text_retrieval(model, tokenizer, features: Features, device) -> dict |
     return {**recall, "images": len(features.captions), "captions": len(texts)}
 
 
-def linear_probe(model, tokenizer, task, features: Features, device, shots, seeds: int,
-                 language_init: bool) -> dict:
-    """Few/full-shot probes on a seeded, stratified half/half split of the task's labelled images."""
+def linear_probe(classifier: torch.Tensor | None, task, features: Features, shots, seeds: int) -> dict:
+    """Few/full-shot probes on a seeded, stratified half/half split of the task's labelled images.
+
+    `classifier` (the text classifier, D x C) initialises the head; None starts it at zero.
+    """
     check_labels(features, task)
     train, test = stratified_split(features.labels, 0.5, seed=0)
-    init = None
-    if language_init:
-        with torch.inference_mode():
-            init = open_clip.build_zero_shot_classifier(model, tokenizer, task.classnames, task.templates,
-                                                        device=device).float().cpu().T
     return few_shot_probe(features.image[train], features.labels[train], features.image[test],
-                          features.labels[test], shots=shots, seeds=seeds, init_weights=init)
+                          features.labels[test], shots=shots, seeds=seeds,
+                          init_weights=None if classifier is None else classifier.T)
 
 
 # --- side by side -------------------------------------------------------------------------------
@@ -405,14 +407,14 @@ def evaluate(models, tasks=(), data=None, out="EVAL", retrieval=(), probe_shots=
                                             list(task.classnames), desc=f"{spec.label}/{task.name}", **extract)
             results["cache_hits"] += hit
             results["skipped"][datasets[task.name]] = features.skipped
-            results["zero_shot"].setdefault(task.name, {})[spec.label] = zero_shot(model, tokenizer, task,
-                                                                                  features, device)
+            classifier = text_classifier(model, tokenizer, task, device)
+            results["zero_shot"].setdefault(task.name, {})[spec.label] = zero_shot(model, classifier, task, features)
             recall = image_text_retrieval(model, tokenizer, features, device)
             if recall:
                 results["retrieval"].setdefault(task.name, {})[spec.label] = recall
             if probe_shots:
                 results["probe"].setdefault(task.name, {})[spec.label] = linear_probe(
-                    model, tokenizer, task, features, device, probe_shots, probe_seeds, language_init)
+                    classifier if language_init else None, task, features, probe_shots, probe_seeds)
         for captioned in retrieval:
             features, hit = cached_features(model, preprocess, str(captioned), cache_dir, fingerprint,
                                             desc=f"{spec.label}/{Path(captioned).name}", **extract)
