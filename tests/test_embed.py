@@ -62,7 +62,7 @@ def test_list_shards_expands_braces_globs_and_folders(tmp_path):
 
 
 def test_parquet_and_image_folder_read_the_same_pairs_as_tar(tmp_path):
-    """One corpus in four layouts: tar, parquet with bytes, parquet with paths, image folder."""
+    """One corpus in five forms: tar, tar by fsspec URL, parquet with bytes or paths, image folder."""
     (shard,) = make_shards(tmp_path / "tar", 1, 5)
     pairs = list(iter_corpus(str(shard)))
     folder = tmp_path / "folder" / "00000"
@@ -79,7 +79,8 @@ def test_parquet_and_image_folder_read_the_same_pairs_as_tar(tmp_path):
     as_bytes = list(iter_corpus(str(tmp_path / "bytes.parquet"), columns=ParquetColumns("text", "jpg", "key")))
     as_paths = list(iter_corpus(str(tmp_path / "paths.parquet"), columns=ParquetColumns(key="name")))
     as_folder = list(iter_corpus(str(tmp_path / "folder")))
-    for other in (as_bytes, as_paths, as_folder):
+    as_url = list(iter_corpus(f"file://{shard}"))
+    for other in (as_bytes, as_paths, as_folder, as_url):
         assert [(p.key, p.caption, p.image) for p in other] == [(p.key, p.caption, p.image) for p in pairs]
     assert as_bytes[0].extra == {"url": f"http://x/{pairs[0].key}"}
     assert json.loads(pairs[0].extra["json"]) == {"shard": 0, "index": 0}

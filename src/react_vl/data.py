@@ -80,7 +80,7 @@ class SkipLog:
 
 
 def _is_url(path: str) -> bool:
-    return "://" in path or path.startswith("pipe:")
+    return "://" in path
 
 
 def _shard_kind(shard: str) -> str:
