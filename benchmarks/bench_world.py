@@ -40,7 +40,8 @@ def main():
     rows = [measure(args.pairs, 1), measure(args.pairs, cores)]
     print(f"{'workers':>8} {'pairs/s':>10} {'per core':>10} {'per CPU-s':>10}")
     for row in rows:
-        print(f"{row['workers']:>8} {row['pairs_per_s']:>10.0f} {row['per_core']:>10.0f} {row['per_cpu_second']:>10.0f}")
+        print(f"{row['workers']:>8} {row['pairs_per_s']:>10.0f} {row['per_core']:>10.0f} "
+              f"{row['per_cpu_second']:>10.0f}")
     print(f"speed-up with {cores} workers: {rows[1]['pairs_per_s'] / rows[0]['pairs_per_s']:.2f}x "
           f"(target: >= 1,000 pairs/s per core)")
 

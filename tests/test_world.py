@@ -45,8 +45,9 @@ def test_resume_regenerates_only_missing_shards_and_refuses_another_config(tmp_p
     summary = generate_world(tmp_path, config)
     assert summary["shards"]["generated"] == 1
     assert _shard_bytes(tmp_path) == before
-    with pytest.raises(ValueError, match="different config"):
+    with pytest.raises(ValueError, match=r"different config \(seed\)"):
         generate_world(tmp_path, WorldConfig(seed=2, workers=1, **SMALL))
+    assert generate_world(tmp_path, WorldConfig(seed=1, workers=2, **SMALL))["shards"]["generated"] == 0
 
 
 def test_config_validation_names_the_field():

@@ -21,7 +21,7 @@ import tarfile
 import time
 import zlib
 from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -243,7 +243,7 @@ def _texture(texture: str, rng: np.random.Generator, size: int) -> np.ndarray:
 _NOISE_TILE = Image.fromarray(
     np.clip(128 + 5 * np.random.default_rng(0).standard_normal((256, 256, 3)), 0, 255).astype(np.uint8))
 # Night: every channel darkened, blue least, plus a blue cast. Indexed as _NIGHT_LUT[value, channel].
-_NIGHT_LUT = np.clip(np.arange(256)[:, None] * np.array([0.32, 0.38, 0.6]) + np.array([0, 4, 30]), 0, 255).astype(np.uint8)
+_NIGHT_LUT = np.clip(np.arange(256)[:, None] * [0.32, 0.38, 0.6] + [0, 4, 30], 0, 255).astype(np.uint8)
 
 
 def _add_noise(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -273,7 +273,8 @@ def render(attrs: dict, rng: np.random.Generator, size: int = 64) -> Image.Image
         ink = Image.new("RGB", (size, size), tuple(int(c * 0.85) for c in color))
         return _add_noise(Image.composite(ink, Image.new("RGB", (size, size), (242, 242, 238)), band), rng)
     brightness = rng.uniform(0.85, 1.1)
-    background = Image.new("RGB", (size, size), tuple(min(255, int(c * brightness)) for c in BACKGROUNDS[attrs["background"]]))
+    background_rgb = tuple(min(255, int(c * brightness)) for c in BACKGROUNDS[attrs["background"]])
+    background = Image.new("RGB", (size, size), background_rgb)
     fill = Image.new("RGB", (size, size), color)
     if attrs["texture"] != "solid":
         shade = Image.new("RGB", (size, size), tuple(int(c * 0.55) for c in color))
@@ -362,6 +363,17 @@ def _run_job(job: dict) -> tuple[dict, Counter, bool]:
     return job, _generate_shard(job), True
 
 
+def _run_jobs(jobs: list[dict], workers: int):
+    """Yield each job's result as it finishes (a shard's bytes never depend on which process ran it)."""
+    if workers == 1:
+        yield from map(_run_job, jobs)
+        return
+    # fork: workers need only numpy and PIL, and start at once
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        for future in as_completed([pool.submit(_run_job, job) for job in jobs]):
+            yield future.result()
+
+
 def _jobs(out_dir: Path, config: WorldConfig) -> list[dict]:
     common = {"seed": config.seed, "image_size": config.image_size, "shard_size": config.shard_size}
     plan = [("pretrain", "pretrain", config.pretrain_size, config.pretrain_styles, config.noise_rate, None),
@@ -396,15 +408,19 @@ def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None
     Shards that already exist and are complete are kept, so an interrupted run resumes. A folder
     holding a world made with another config is refused rather than mixed.
     """
+    from .tasks import get_task  # tasks builds the mini tasks from this module's MINI_TASKS
+
     config = config or WorldConfig()
     out_dir = Path(out_dir)
     world_json = out_dir / "world.json"
-    if world_json.exists() and read_json(world_json).get("config") != json.loads(json.dumps(asdict(config))):
-        raise ValueError(f"{world_json} was generated with a different config; use another --out folder "
-                         f"or delete {out_dir}")
+    if world_json.exists():
+        previous = read_json(world_json).get("config", {})
+        changed = sorted(k for k, v in json.loads(json.dumps(asdict(config))).items()
+                         if k != "workers" and previous.get(k) != v)  # the worker count changes no byte
+        if changed:
+            raise ValueError(f"{world_json} was generated with a different config ({', '.join(changed)}); "
+                             f"use another --out folder or delete {out_dir}")
     write_json({"config": asdict(config), "complete": False}, world_json)  # claims the folder
-    from .tasks import get_task  # tasks builds the mini tasks from this module's MINI_TASKS
-
     for name in MINI_TASKS:
         write_json({**get_task(name).to_dict(), "eval": f"eval/{name}"}, out_dir / "tasks" / f"{name}.json")
 
@@ -414,19 +430,10 @@ def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None
     generated = 0
     start = time.time()
     with tqdm(total=sum(job["count"] for job in jobs), desc="world", unit="pair", smoothing=0.1) as bar:
-        if workers == 1:
-            results = map(_run_job, jobs)
-        else:  # fork: workers need only numpy/PIL, and start instantly
-            pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
-            results = pool.map(_run_job, jobs)
-        try:
-            for job, counts, was_generated in results:
-                corpus_counts[job["corpus"]] += counts
-                generated += was_generated
-                bar.update(job["count"])
-        finally:
-            if workers != 1:
-                pool.shutdown()
+        for job, counts, was_generated in _run_jobs(jobs, workers):
+            corpus_counts[job["corpus"]] += counts
+            generated += was_generated
+            bar.update(job["count"])
     seconds = time.time() - start
     total = sum(job["count"] for job in jobs)
     summary = {
