@@ -71,7 +71,8 @@ def test_parquet_and_image_folder_read_the_same_pairs_as_tar(tmp_path):
         (folder / f"{p.key}.png").write_bytes(p.image)
         (folder / f"{p.key}.txt").write_text(p.caption)
     pq.write_table(pa.table({"key": [p.key for p in pairs], "text": [p.caption for p in pairs],
-                             "jpg": [p.image for p in pairs], "url": [f"http://x/{p.key}" for p in pairs]}),
+                             "jpg": [p.image for p in pairs], "url": [f"http://x/{p.key}" for p in pairs],
+                             "id": [f"laion-{i}" for i in range(len(pairs))]}),
                    tmp_path / "bytes.parquet")
     pq.write_table(pa.table({"name": [p.key for p in pairs], "caption": [p.caption for p in pairs],
                              "image": [f"folder/00000/{p.key}.png" for p in pairs]}), tmp_path / "paths.parquet")
@@ -82,8 +83,13 @@ def test_parquet_and_image_folder_read_the_same_pairs_as_tar(tmp_path):
     as_url = list(iter_corpus(f"file://{shard}"))
     for other in (as_bytes, as_paths, as_folder, as_url):
         assert [(p.key, p.caption, p.image) for p in other] == [(p.key, p.caption, p.image) for p in pairs]
-    assert as_bytes[0].extra == {"url": f"http://x/{pairs[0].key}"}
+    assert as_bytes[0].extra == {"url": f"http://x/{pairs[0].key}", "id": "laion-0"}
     assert json.loads(pairs[0].extra["json"]) == {"shard": 0, "index": 0}
+    embed_corpus(str(tmp_path / "bytes.parquet"), MODEL, None, tmp_path / "kb", batch_size=2, workers=0,
+                 columns=ParquetColumns("text", "jpg", "key"), progress=False)
+    metadata = KnowledgeBase(tmp_path / "kb").metadata().to_pylist()
+    assert [(m["id"], m["key"], m["url"], m["source_id"]) for m in metadata] == [
+        (i, p.key, f"http://x/{p.key}", f"laion-{i}") for i, p in enumerate(pairs)]
     with pytest.raises(CorpusFormatError, match="caption"):  # a wrong column name is reported, not skipped silently
         list(iter_corpus(str(tmp_path / "bytes.parquet")))
 

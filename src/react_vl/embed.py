@@ -103,15 +103,16 @@ def _remove_stale_temp_files(kb_dir: Path, parts: list[int]):
 
 
 def _metadata_table(part: int, shard: str, rows: list, record: dict) -> pa.Table:
-    """id, key, caption, shard, then the source columns (json sidecar, url, ...), None where absent."""
-    extra_names = sorted({name for _, _, extra in rows for name in extra})
+    """id, key, caption, shard, then the source columns (json sidecar, url, ...), None where absent;
+    a source column named like one of the first four is kept as source_<name>."""
     columns = {
         "id": pa.array(make_ids(part, len(rows))),
         "key": pa.array([key for key, _, _ in rows], pa.string()),
         "caption": pa.array([caption for _, caption, _ in rows], pa.string()),
         "shard": pa.array([shard] * len(rows), pa.string()),
-        **{name: pa.array([extra.get(name) for _, _, extra in rows]) for name in extra_names},
     }
+    for name in sorted({name for _, _, extra in rows for name in extra}):
+        columns[f"source_{name}" if name in columns else name] = pa.array([extra.get(name) for _, _, extra in rows])
     return pa.table(columns).replace_schema_metadata({PART_META_KEY: json.dumps(record)})
 
 
