@@ -1,0 +1,100 @@
+"""Index stage on small real KBs: factory choice, tuned recall, explicit ids, mismatch detection."""
+
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from react_vl.index import build_index, choose_factory, load_index
+from react_vl.kb import KnowledgeBase, make_ids, write_info, write_part
+
+
+def clustered(n: int, dim: int, rng: np.random.Generator, n_clusters: int = 50) -> np.ndarray:
+    """Normalised vectors around random centres: neighbours are meaningful, as with CLIP embeddings."""
+    centres = rng.standard_normal((n_clusters, dim))
+    x = centres[rng.integers(n_clusters, size=n)] + 0.6 * rng.standard_normal((n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def make_kb(path, img, text, parts, model="mini-vit-test", pretrained=None, captions=None):
+    """Write embeddings as KB parts, in the given (shuffled) part order; caption = 'row N' unless given."""
+    chunks = np.array_split(np.arange(len(img)), len(parts))
+    for part, rows in sorted(zip(parts, chunks), key=lambda pair: -pair[0]):  # write the last part first
+        caps = [captions[r] if captions else f"row {r}" for r in rows]
+        meta = pa.table({"key": [f"k{r:06d}" for r in rows], "caption": caps,
+                         "shard": [f"shard-{part:06d}.tar"] * len(rows), "id": make_ids(part, len(rows))})
+        write_part(path, part, img[rows], text[rows], meta)
+    write_info(path, model=model, pretrained=pretrained, dim=img.shape[1], dtype=str(img.dtype), count=len(img),
+               parts=len(parts))
+    return KnowledgeBase(path)
+
+
+@pytest.fixture(scope="module")
+def vectors():
+    rng = np.random.default_rng(0)
+    return clustered(12_000, 32, rng), clustered(12_000, 32, rng)
+
+
+def test_factory_follows_size_and_budget():
+    assert choose_factory(5_000, 512, "4GB") == "Flat"
+    assert choose_factory(200_000, 512, "4GB") == "HNSW32"
+    assert choose_factory(2_000_000, 512, "8GB") == "IVF4096,Flat"       # too many for HNSW
+    assert choose_factory(200_000, 512, "440MB") == "IVF2048,Flat"       # HNSW links do not fit
+    large = choose_factory(400_000_000, 512, "64GB")
+    assert large.startswith("OPQ") and "_HNSW32,PQ" in large and "IVF" in large
+    assert choose_factory(1_000_000, 512, "100MB").endswith("PQ64x8")   # fewer code bytes when tight
+    with pytest.raises(ValueError, match="too small"):
+        choose_factory(1_000_000, 512, "1MB")
+
+
+@pytest.mark.parametrize("budget, expected", [("8MB", "HNSW32"), ("2MB", "IVF512,Flat")])
+def test_tuned_params_reach_target_recall(tmp_path, vectors, budget, expected):
+    img, text = vectors
+    kb = make_kb(tmp_path / "kb", img, text, parts=[0, 1, 2])
+    infos = build_index(kb, "image", memory_budget=budget, target_recall=0.9, k=10, n_queries=200)
+    assert infos["factory"].startswith(expected)
+    assert (tmp_path / "kb" / "image.index.json").exists()
+    assert infos["target_reached"] and infos["recall_at_10"] >= 0.9
+    # an independent check with fresh queries and numpy exact search, through load_index
+    index = load_index(kb, "image")
+    queries = clustered(100, 32, np.random.default_rng(1))
+    exact = kb.ids()[np.argsort(-queries @ img.T, axis=1)[:, :10]]
+    _, found = index.search(queries, 10)
+    recall = np.mean([len(np.intersect1d(f, e)) / 10 for f, e in zip(found, exact)])
+    assert recall >= infos["recall_at_10"] - 0.1
+
+
+def test_ids_map_to_metadata_not_file_order(tmp_path, vectors):
+    img, text = vectors
+    kb = make_kb(tmp_path / "kb", img[:3000], text[:3000], parts=[7, 2, 4])  # written 7, 4, 2
+    build_index(kb, "text", target_recall=0.95, n_queries=100)
+    index = load_index(kb, "text")
+    meta = kb.metadata(["id", "caption"])
+    by_id = dict(zip(meta.column("id").to_pylist(), meta.column("caption").to_pylist()))
+    rows = np.array([5, 1500, 2999])  # one row from each part (input order: parts 7, 2, 4)
+    _, found = index.search(text[rows], 1)
+    assert [by_id[i] for i in found[:, 0]] == [f"row {r}" for r in rows]
+    assert set(found[:, 0] >> 32) == {7, 2, 4}
+
+
+def _copy_index(src, dst):
+    for name in ("image.index", "image.index.json"):
+        shutil.copy(src / name, dst / name)
+
+
+def test_mismatched_index_is_refused(tmp_path, vectors):
+    img, text = vectors
+    kb = make_kb(tmp_path / "kb", img[:2000], text[:2000], parts=[0, 1])
+    build_index(kb, "image", n_queries=50)
+    load_index(kb, "image", mmap_min_bytes=0)  # a matching index loads, here memory-mapped
+
+    cases = [("more", img[:2001], [0, 1], "mini-vit-test", "holds 2000 vectors, the KB 2001"),
+             ("renumbered", img[:2000], [0, 3], "mini-vit-test", "ids differ"),
+             ("other-model", img[:2000], [0, 1], "mini-vit", "built for model mini-vit-test"),
+             ("other-dim", img[:2000, :16], [0, 1], "mini-vit-test", "dimension is 32, the KB's 16")]
+    for name, emb, parts, model, message in cases:
+        other = make_kb(tmp_path / name, emb, emb, parts=parts, model=model)
+        _copy_index(kb.path, other.path)
+        with pytest.raises(ValueError, match=message):
+            load_index(other, "image")
