@@ -159,11 +159,11 @@ def make_caption(attrs: dict, rng: np.random.Generator) -> str:
     return caption + "." if rng.random() < 0.5 else caption
 
 
-def noisy_caption(rng: np.random.Generator) -> tuple[str, str]:
-    """Web alt-text noise: half a caption of some other pair (mismatched), half junk (irrelevant)."""
+def noisy_caption(rng: np.random.Generator, other: dict) -> tuple[str, str]:
+    """Web alt-text noise: half the caption of `other`, another pair of the same corpus
+    (mismatched), half junk (irrelevant)."""
     if rng.random() < 0.5:
-        other_style = STYLES[rng.integers(len(STYLES))]
-        return make_caption(sample_attributes(rng, other_style), rng), "mismatched"
+        return make_caption(other, rng), "mismatched"
     return JUNK_CAPTIONS[rng.integers(len(JUNK_CAPTIONS))].format(n=rng.integers(1000, 99999)), "irrelevant"
 
 
@@ -309,9 +309,13 @@ def _generate_shard(job: dict) -> Counter:
     styles, shares = list(job["styles"]), list(job["styles"].values())
     task = job.get("task")
     counts = Counter()
+
+    def draw_attributes():
+        return sample_attributes(rng, styles[rng.choice(len(styles), p=shares)])
+
     with atomic_path(job["path"]) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(job["count"]):
-            attrs = sample_attributes(rng, styles[rng.choice(len(styles), p=shares)])
+            attrs = draw_attributes()
             if task:  # balanced classes: position in the whole eval set decides the label
                 classes = ATTRIBUTE_CLASSES[task["attribute"]]
                 label = (job["shard"] * job["shard_size"] + i) % len(classes)
@@ -319,7 +323,7 @@ def _generate_shard(job: dict) -> Counter:
             image = render(attrs, rng, job["image_size"])
             noise = None
             if not task and rng.random() < job["noise_rate"]:
-                caption, noise = noisy_caption(rng)
+                caption, noise = noisy_caption(rng, draw_attributes())
             else:
                 caption = make_caption(attrs, rng)
             key = f"{job['stream']}_{job['shard']:06d}_{i:06d}"
