@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import yaml
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 from react_vl.tasks import METRICS, Task, get_task, list_tasks
@@ -64,7 +65,7 @@ def test_task_file_round_trip(tmp_path, suffix):
     path = tmp_path / f"birds{suffix}"
     fields = {"classnames": ["robin", "crow"], "templates": ["a photo of a {}.", "a {} in flight."],
               "metric": "mean-per-class"}
-    path.write_text(json.dumps(fields))  # JSON is valid YAML
+    path.write_text(yaml.safe_dump(fields) if suffix == ".yaml" else json.dumps(fields))
     task = get_task(path)
     assert task.name == "birds" and task.classnames == ("robin", "crow") and task.metric == "mean-per-class"
     assert task.prompts("crow") == ["a photo of a crow.", "a crow in flight."]

@@ -2,9 +2,9 @@
 
 REACT never looks at a task's images to retrieve: the class names filled into the templates are
 the queries. Built-in tasks are ImageNet-1k (open_clip's class names and the 80 OpenAI
-templates), the 20 ELEVATER datasets (task_data/benchmarks.json, taken from clip-benchmark) and
-the mini-world tasks (react_vl.world.MINI_TASKS). Any other task is a YAML or JSON file with the
-same fields.
+templates), the 20 ELEVATER datasets (task_data/benchmarks.json: clip-benchmark's lists; its
+`_origin` note says where each comes from) and the mini-world tasks (react_vl.world.MINI_TASKS).
+Any other task is a YAML or JSON file with the same fields.
 """
 
 import difflib
