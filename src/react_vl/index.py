@@ -121,15 +121,18 @@ def _part_chunks(kb: KnowledgeBase, kind: str, chunk: int = ADD_CHUNK):
         start += len(emb)
 
 
-def _sample_rows(kb: KnowledgeBase, kind: str, rows: np.ndarray) -> np.ndarray:
-    """Rows (global positions, sorted) of one embedding kind as float32, read part by part."""
-    out, start = [], 0
+def read_rows(kb: KnowledgeBase, kind: str, rows: np.ndarray) -> np.ndarray:
+    """float32 embeddings of the given rows (positions in KB order, any order), read part by part
+    from memory-mapped files, so only those rows come into memory."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out = np.empty((len(rows), kb.dim), dtype=np.float32)
+    start = 0
     for part in kb.parts:
         emb = np.load(kb.path / KINDS[kind] / f"{KINDS[kind]}_{part}.npy", mmap_mode="r")
-        local = rows[(rows >= start) & (rows < start + len(emb))] - start
-        out.append(np.asarray(emb[local], dtype=np.float32))
+        inside = np.flatnonzero((rows >= start) & (rows < start + len(emb)))
+        out[inside] = emb[np.sort(rows[inside] - start)][np.argsort(np.argsort(rows[inside]))]
         start += len(emb)
-    return np.concatenate(out)
+    return out
 
 
 def make_index(factory: str, dim: int) -> faiss.Index:
@@ -190,7 +193,7 @@ def build_index(kb: KnowledgeBase, kind: str, memory_budget: str | int = "4GB", 
     n_train = train_size(factory, count)
     if n_train:
         train_rows = np.sort(rng.choice(count, n_train, replace=False))
-        index.train(_sample_rows(kb, kind, train_rows))
+        index.train(read_rows(kb, kind, train_rows))
     with tqdm(total=count, desc=f"index {kind} ({factory})", unit="vec", unit_scale=True) as bar:
         for vectors, ids in _part_chunks(kb, kind):
             index.add_with_ids(vectors, ids)
@@ -200,7 +203,7 @@ def build_index(kb: KnowledgeBase, kind: str, memory_budget: str | int = "4GB", 
     # Held-out queries: captions (REACT's queries are text). On the text index a caption finds
     # itself, so its own id is excluded from both the exact and the approximate lists.
     query_rows = np.sort(rng.choice(count, min(n_queries, count), replace=False))
-    queries = _sample_rows(kb, "text", query_rows)
+    queries = read_rows(kb, "text", query_rows)
     kb_ids = kb.ids()
     own_ids = kb_ids[query_rows] if kind == "text" else None
     _, exact_rows = knn_ground_truth(queries, (vectors for vectors, _ in _part_chunks(kb, kind)), k + 1,

@@ -1,0 +1,109 @@
+"""Retrieve stage on a real FAISS-indexed KB whose pairs are planted around the task's real query embeddings."""
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from test_index import make_kb
+
+from react_vl.index import build_indexes
+from react_vl.kb import KnowledgeBase
+from react_vl.retrieve import encode_queries, retrieve
+from react_vl.tasks import Task
+
+TASK = Task("planted-shapes", ["circle", "square", "star"], ["a photo of a {}.", "a drawing of a {}."])
+PER_CLASS = 30
+
+
+def _normalise(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """KB: 30 pairs per class near the class's query embeddings (caption and image), 600 random
+    pairs, 10 'star' captions with random images (only t2t finds them), and one near-duplicate
+    image of circle pair 0 under another id."""
+    root = tmp_path_factory.mktemp("retrieve")
+    rng = np.random.default_rng(0)
+    probe = make_kb(root / "probe", _normalise(rng.standard_normal((4, 32))), _normalise(rng.standard_normal((4, 32))), [0])
+    _, query_class, queries = encode_queries(probe, TASK)
+    centres = _normalise(np.stack([queries[query_class == c].mean(0) for c in range(3)]))
+
+    def near(centre, n, spread=0.05):
+        return _normalise(centre + spread * rng.standard_normal((n, 32)) / np.sqrt(32))
+
+    img, text, captions = [], [], []
+    for c, name in enumerate(TASK.classnames):
+        img.append(near(centres[c], PER_CLASS)), text.append(near(centres[c], PER_CLASS))
+        captions += [f"{name} {i}" for i in range(PER_CLASS)]
+    img.append(_normalise(rng.standard_normal((600, 32)))), text.append(_normalise(rng.standard_normal((600, 32))))
+    captions += [f"noise {i}" for i in range(600)]
+    img.append(_normalise(rng.standard_normal((10, 32)))), text.append(near(centres[2], 10))
+    captions += [f"star caption random image {i}" for i in range(10)]
+    img.append(_normalise(img[0][:1] + 0.001 * rng.standard_normal((1, 32)))), text.append(text[0][:1])
+    captions += ["circle duplicate"]
+    img, text = np.concatenate(img), np.concatenate(text)
+    kb = make_kb(root / "kb", img, text, parts=[3, 1], captions=captions)  # parts written out of order
+    build_indexes(kb.path, n_queries=50)
+    return kb, img
+
+
+def _read(out):
+    return pq.read_table(out / "retrieved.parquet").to_pylist()
+
+
+@pytest.mark.parametrize("mode", ["t2t", "t2i", "both"])
+def test_modes_retrieve_the_planted_classes(planted, tmp_path, mode):
+    kb, _ = planted
+    summary = retrieve(kb.path, TASK, tmp_path, mode=mode, k=PER_CLASS, dedup_threshold=None)
+    rows = _read(tmp_path)
+    assert len(rows) == summary["retrieved"] and set(rows[0]) >= {"id", "key", "caption", "shard", "score",
+                                                                 "classes", "queries", "modes"}
+    for name in TASK.classnames:
+        found = [r["caption"] for r in rows if name in r["classes"]]
+        precision = np.mean([c.startswith(name) or (name == "star" and c.startswith("star caption")) for c in found])
+        assert len(found) >= 25 and precision >= 0.9, (name, len(found), precision)
+    assert all(set(r["modes"]) <= ({"t2t", "t2i"} if mode == "both" else {mode}) for r in rows)
+    random_image = [r for r in rows if r["caption"].startswith("star caption")]
+    if mode == "t2i":
+        assert not random_image and all(r["score_t2t"] is None for r in rows)
+    else:
+        assert len(random_image) == 10 and all(r["modes"] == ["t2t"] for r in random_image)
+    if mode == "both":
+        assert 0 < summary["t2t_t2i_overlap"] < summary["unique_candidates"]
+    # the metadata comes by id: each caption is the one written with that row's embeddings
+    meta = {r["id"]: r["caption"] for r in KnowledgeBase(kb.path).metadata(["id", "caption"]).to_pylist()}
+    assert all(meta[r["id"]] == r["caption"] for r in rows)
+
+
+def test_filters_remove_and_count(planted, tmp_path):
+    kb, img = planted
+    eval_emb = _normalise(img[[1, 2, PER_CLASS + 1]] + 0.0005 * np.random.default_rng(1).standard_normal((3, 32)))
+    np.save(tmp_path / "eval.npy", eval_emb)
+    summary = retrieve(kb.path, TASK, tmp_path / "r", mode="both", k=PER_CLASS, min_clip_score=0.5,
+                       eval_set=tmp_path / "eval.npy", eval_threshold=0.9999, dedup_threshold=0.9999)
+    captions = {r["caption"] for r in _read(tmp_path / "r")}
+    assert summary["removed"]["eval_overlap"] == 3
+    assert not captions & {"circle 1", "circle 2", "square 1"}
+    assert summary["removed"]["clip_score"] >= 10 and not any(c.startswith("star caption") for c in captions)
+    assert summary["removed"]["near_duplicate"] == 1
+    assert ("circle 0" in captions) != ("circle duplicate" in captions)
+
+
+def test_per_class_keeps_each_class_best(planted, tmp_path):
+    kb, _ = planted
+    summary = retrieve(kb.path, TASK, tmp_path, per_class=10, dedup_threshold=None)
+    rows = _read(tmp_path)
+    assert summary["per_class_counts"] == {name: 10 for name in TASK.classnames}
+    for name in TASK.classnames:
+        mine = [r for r in rows if name in r["classes"]]
+        assert len(mine) == 10 and all(r["caption"].startswith(name) for r in mine)
+
+
+def test_other_model_or_dimension_is_refused(planted, tmp_path):
+    kb, img = planted
+    with pytest.raises(ValueError, match="differs from the model that embedded"):
+        retrieve(kb.path, TASK, tmp_path / "a", model="mini-vit")
+    small = make_kb(tmp_path / "kb16", img[:, :16], img[:, :16], [0])
+    with pytest.raises(ValueError, match="dimension 32 but .* holds dimension 16"):
+        retrieve(small.path, TASK, tmp_path / "b")
