@@ -1,10 +1,14 @@
 """Retrieve stage on a real FAISS-indexed KB whose pairs are planted around the task's real query embeddings."""
 
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from click.testing import CliRunner
 from test_index import make_kb
 
+from react_vl.cli import main
 from react_vl.index import build_indexes
 from react_vl.kb import KnowledgeBase
 from react_vl.retrieve import encode_queries, retrieve
@@ -107,3 +111,19 @@ def test_other_model_or_dimension_is_refused(planted, tmp_path):
     small = make_kb(tmp_path / "kb16", img[:, :16], img[:, :16], [0])
     with pytest.raises(ValueError, match="dimension 32 but .* holds dimension 16"):
         retrieve(small.path, TASK, tmp_path / "b")
+
+
+def test_cli_index_and_retrieve(planted, tmp_path):
+    kb, img = planted
+    small = make_kb(tmp_path / "kb", img[:300], img[:300], [0])
+    (tmp_path / "task.json").write_text(json.dumps(TASK.to_dict()))
+    runner = CliRunner()
+    result = runner.invoke(main, ["index", str(small.path), "--queries", "20"])
+    assert result.exit_code == 0, result.output
+    assert "image.index: Flat [exact] recall@10 1.000" in result.output
+    result = runner.invoke(main, ["retrieve", str(small.path), "--task", str(tmp_path / "task.json"),
+                                  "--out", str(tmp_path / "r"), "--per-class", "5", "--no-dedup"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "r" / "summary.json").read_text())["per_class_counts"] == {n: 5 for n in TASK.classnames}
+    result = runner.invoke(main, ["retrieve", str(small.path), "--task", "no-such-task", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "unknown task 'no-such-task'" in result.output

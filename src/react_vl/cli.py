@@ -101,16 +101,61 @@ def embed(corpus, model_name, pretrained, out, batch_size, workers, dtype, devic
 
 # --- index -------------------------------------------------------------------------------------
 @main.command()
-def index():
-    """Build tuned FAISS indexes (image.index, text.index) over a knowledge base."""
-    _not_built("index", 3)
+@click.argument("kb", type=click.Path(exists=True, file_okay=False))
+@click.option("--memory-budget", default="4GB", help="RAM one index may use (e.g. 4GB, 512MB); picks the index type.")
+@click.option("--target-recall", default=0.95, help="Recall@k against exact search that the search parameters are tuned for.")
+@click.option("--k", default=10, help="The k of the recall@k target.")
+@click.option("--queries", "n_queries", default=1000, help="Held-out caption queries used to measure recall and latency.")
+@click.option("--kind", "kinds", type=click.Choice(["image", "text"]), multiple=True, default=("image", "text"),
+              help="Which index to build (repeatable).")
+def index(kb, memory_budget, target_recall, k, n_queries, kinds):
+    """Build tuned FAISS indexes (image.index, text.index) over a knowledge base.
+
+    KB: a folder written by `react-vl embed` (or clip-retrieval). Writes KB/{image,text}.index and
+    KB/{image,text}.index.json (factory, tuned parameters, recall, latency, size).
+    """
+    from .index import build_indexes
+    try:
+        infos = build_indexes(kb, memory_budget, target_recall, k, tuple(kinds), n_queries)
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    for kind, info in infos.items():
+        click.echo(f"{kind}.index: {info['factory']} [{info['params'] or 'exact'}] recall@{k} "
+                   f"{info[f'recall_at_{k}']:.3f}, {info['latency_ms_per_query']:.3f} ms/query, "
+                   f"{info['size_bytes'] / 2**20:.1f} MiB")
 
 
 # --- retrieve ----------------------------------------------------------------------------------
 @main.command()
-def retrieve():
-    """Retrieve the knowledge-base pairs most relevant to a task's class-name prompts."""
-    _not_built("retrieve", 3)
+@click.argument("kb", type=click.Path(exists=True, file_okay=False))
+@click.option("--task", required=True, help="Built-in task name or a task .yaml/.json file.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder for retrieved.parquet and summary.json.")
+@click.option("--mode", type=click.Choice(["t2t", "t2i", "both"]), default="both",
+              help="Search captions (t2t), images (t2i) or both, merged.")
+@click.option("--k", type=int, default=None, help="Hits per query [default: --per-class, else 100].")
+@click.option("--per-class", type=int, default=None, help="Keep each class's best N pairs.")
+@click.option("--model", default=None, help="Model expected to have embedded the KB; refused if it differs.")
+@click.option("--dedup-threshold", type=float, default=0.94, help="Image cosine above which results are one image.")
+@click.option("--no-dedup", is_flag=True, help="Keep near-duplicate images.")
+@click.option("--min-clip-score", type=float, default=None, help="Drop pairs whose image-caption cosine is below this.")
+@click.option("--eval-set", type=click.Path(exists=True), default=None,
+              help="Evaluation images (.npy of embeddings, or a webdataset folder) whose near-duplicates are dropped.")
+@click.option("--eval-threshold", type=float, default=0.95, help="Image cosine counted as an evaluation near-duplicate.")
+def retrieve(kb, task, out, mode, k, per_class, model, dedup_threshold, no_dedup, min_clip_score, eval_set,
+             eval_threshold):
+    """Retrieve the knowledge-base pairs most relevant to a task's class-name prompts.
+
+    KB: an indexed knowledge base (`react-vl index`). Writes OUT/retrieved.parquet and OUT/summary.json.
+    """
+    from .retrieve import retrieve as retrieve_pairs
+    try:
+        summary = retrieve_pairs(kb, task, out, mode=mode, k=k, per_class=per_class, model=model,
+                                 dedup_threshold=None if no_dedup else dedup_threshold,
+                                 min_clip_score=min_clip_score, eval_set=eval_set, eval_threshold=eval_threshold)
+    except (ValueError, FileNotFoundError) as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"{summary['retrieved']} pairs for {summary['task']} in {out} (removed: {summary['removed']}; "
+               f"see {out}/summary.json)")
 
 
 # --- materialize -------------------------------------------------------------------------------
