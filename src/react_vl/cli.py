@@ -216,7 +216,7 @@ def materialize(retrieved, out, kb, maxcount, no_download):
 @click.option("--mix-ratio", type=float, default=0.0, help="Share of every batch taken from --mix-shards.")
 @click.option("--checkpoint-every", type=int, default=100, help="Write RUN/checkpoints/step_N.pt every N steps.")
 @click.option("--keep-checkpoints", type=int, default=3, help="How many of the latest checkpoints to keep.")
-@click.option("--resume", default=None, help="Checkpoint path, or 'latest' for the newest in RUN/checkpoints.")
+@click.option("--resume", default=None, help="Checkpoint path, or 'latest' for the newest in RUN/checkpoints (a fresh start when there is none).")
 @click.option("--log-every", type=int, default=10, help="Steps between log.jsonl records.")
 @click.option("--seed", type=int, default=0, help="Seed of the init, data order and augmentation.")
 @click.option("--workers", type=int, default=1, help="Data loader processes per rank.")

@@ -346,7 +346,8 @@ def train(shards, model_name: str | None, pretrained: str | None, out, *, strate
     `lr` defaults to 5e-4 for gated strategies and for training from random init, 5e-5 when
     tuning pretrained base weights (the paper's values). `warmup` defaults to 5% of the steps.
     `mix_shards` / `mix_ratio`: that share of every batch comes from a second (general) shard
-    set, to bound forgetting. `resume`: a checkpoint path or "latest" (RUN/checkpoints).
+    set, to bound forgetting. `resume`: a checkpoint path, or "latest": the newest in
+    RUN/checkpoints if there is one, else a fresh start.
     Returns the summary that is also written to RUN/summary.json.
     """
     run = Path(out)
@@ -386,11 +387,13 @@ def train(shards, model_name: str | None, pretrained: str | None, out, *, strate
             "train_logit_scale": train_logit_scale, "args": args}
 
     start = 0
+    found = _checkpoints(run)
+    if resume == "latest" and not found:
+        resume = None  # nothing written yet: a fresh start (so "latest" is safe to pass always)
     if resume:
-        found = _checkpoints(run)
-        path = Path(resume) if resume != "latest" else (found[-1] if found else None)
-        if path is None or not path.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from: {resume} (looked in {run / 'checkpoints'})")
+        path = Path(resume) if resume != "latest" else found[-1]
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume from at {path} (given as --resume)")
         start = _load_checkpoint(path, model, optimizer, scaler, meta)
     if rank == 0:
         print(f"[customize] {model_name} strategy={strategy}: trainable {counts['trainable']:,} / "
