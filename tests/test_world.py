@@ -4,6 +4,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import webdataset as wds
 from PIL import Image
@@ -142,3 +143,17 @@ def test_cli_writes_a_world_with_the_config_defaults(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "world.json").read_text())
     assert summary["config"]["seed"] == 5 and summary["counts"]["kb"]["total"] == 20
+
+
+def test_styles_look_different(tiny_world):
+    def pixels(task):
+        return np.stack([np.asarray(Image.open(io.BytesIO(s["png"])), dtype=np.float32)
+                         for s in _samples(tiny_world, f"eval/{task}")])
+
+    photo, sketch, night, pixel = (pixels(t) for t in ("mini-shape-photo", "mini-shape-sketch", "mini-color-night",
+                                                       "mini-shape-pixel"))
+    assert (sketch.min(axis=-1) > 200).mean() > 0.6  # mostly bare paper around a thin outline
+    assert night.mean() < 0.6 * photo.mean() and night[..., 2].mean() > 1.5 * night[..., 0].mean()  # dark, blue
+    blocks = pixel.reshape(len(pixel), 16, 4, 16, 4, 3)
+    assert (blocks.max(axis=(2, 4)) == blocks.min(axis=(2, 4))).all()  # 4x4 blocks of one colour
+    assert not (photo.reshape(blocks.shape).std(axis=(2, 4)) == 0).all()
