@@ -30,7 +30,7 @@ from .utils import atomic_path, read_json, write_json
 KINDS = {"image": "img_emb", "text": "text_emb"}
 FLAT_MAX_VECTORS = 10_000       # below this, exact search is fast enough and loses nothing
 HNSW_MAX_VECTORS = 1_000_000    # HNSW build time grows too fast beyond this (autofaiss' limit too)
-HNSW_M = 32
+HNSW_M = 32                     # graph links per node; fewer (down to 8) when the budget is tight
 ADD_CHUNK = 100_000             # vectors converted to float32 and added at a time
 MMAP_MIN_BYTES = 2**30          # indexes at least this large load memory-mapped
 _SIZE_RE = re.compile(r"^\s*([\d.]+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
@@ -58,7 +58,8 @@ def estimate_memory(factory: str, count: int, dim: int) -> int:
     if factory == "Flat":
         return count * dim * 4 + ids
     if factory.startswith("HNSW"):
-        return count * (dim * 4 + 2 * HNSW_M * 4) + ids
+        links = int(factory[4:])
+        return count * (dim * 4 + 2 * links * 4) + ids
     nlist = int(re.search(r"IVF(\d+)", factory).group(1))
     centroids = nlist * (dim * 4 + 2 * HNSW_M * 4)
     if factory.endswith(",Flat"):
@@ -70,15 +71,17 @@ def estimate_memory(factory: str, count: int, dim: int) -> int:
 def choose_factory(count: int, dim: int, memory_budget: str | int = "4GB") -> str:
     """The FAISS factory string for `count` vectors of `dim` under a memory budget.
 
-    Exact (Flat) for small sets; HNSW32 when it fits; IVF-Flat when the raw vectors fit;
+    Exact (Flat) for small sets; HNSW when it fits (with 8-32 links per node, as many as fit);
+    IVF-Flat when the raw vectors fit;
     otherwise OPQ + IVF (HNSW coarse quantizer) + PQ with as many code bytes as the budget allows.
     """
     budget = parse_size(memory_budget)
     nlist = _nlist_for(count)
     if count <= FLAT_MAX_VECTORS and estimate_memory("Flat", count, dim) <= budget:
         return "Flat"
-    if count <= HNSW_MAX_VECTORS and estimate_memory(f"HNSW{HNSW_M}", count, dim) <= budget:
-        return f"HNSW{HNSW_M}"
+    links = min(HNSW_M, (budget // count - 4 * dim - 8) // 8)
+    if count <= HNSW_MAX_VECTORS and links >= 8:
+        return f"HNSW{links}"
     if estimate_memory(f"IVF{nlist},Flat", count, dim) <= budget:
         return f"IVF{nlist},Flat"
     for code_bytes in (256, 128, 64, 32, 16, 8):  # PQ code sizes; each subvector gets >= 2 dims
