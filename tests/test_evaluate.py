@@ -164,7 +164,7 @@ def test_side_by_side_writes_tables_with_deltas_and_reuses_cached_features(tmp_p
                                                         "linear probe full-shot"}
     for name in ("results.json", "table.md", "table.csv", "table.json", "chart.png"):
         assert (tmp_path / "EVAL" / name).stat().st_size > 0
-    assert "| task | measure | base | same | other | Δ same | Δ other |" in (tmp_path / "EVAL" / "table.md").read_text()
+    assert "| task | role | measure | base | same | other | Δ same | Δ other |" in (tmp_path / "EVAL" / "table.md").read_text()
     again = evaluate(models, [TASK], data=data, out=tmp_path / "EVAL", workers=0)
     assert again["cache_hits"] == 3 and again["zero_shot"] == results["zero_shot"]
 
@@ -178,7 +178,7 @@ def test_cli_evaluate_prints_the_table(tmp_path, two_checkpoints, monkeypatch):
                                        "--task", "colors", "--data", str(tmp_path), "--out", str(tmp_path / "EVAL"),
                                        "--workers", "0"])
     assert result.exit_code == 0, result.output
-    assert "| colors | zero-shot accuracy |" in result.output
+    assert "| colors |  | zero-shot accuracy |" in result.output
     assert (tmp_path / "EVAL" / "results.json").is_file()
 
 
@@ -190,7 +190,7 @@ def test_mini_world_tasks_by_name_with_retrieval_on_their_captions(tiny_world, t
         report = results["zero_shot"][task]["base"]
         assert report["count"] == 80 and len(report["confusion_matrix"]) == len(report["per_class_accuracy"])
         assert results["retrieval"][task]["base"]["captions"] >= 80
-    assert [row["task"] for row in results["table"]][:2] == tasks
+    assert [(row["task"], row["role"]) for row in results["table"]][:2] == [(t, "control") for t in tasks]
 
 
 def test_trained_model_beats_chance_on_a_control_task(request, tiny_world, tmp_path):

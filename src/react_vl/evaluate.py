@@ -395,7 +395,8 @@ def evaluate(models, tasks=(), data=None, out="EVAL", retrieval=(), probe_shots=
         raise ValueError(f"model labels must be unique: {[s.label for s in specs]}")
     tasks = [_resolve_task(t, data) for t in tasks]
     datasets = {t.name: task_data_path(data, t.name) for t in tasks}
-    results = {"models": {}, "zero_shot": {}, "retrieval": {}, "probe": {}, "skipped": {}, "cache_hits": 0}
+    results = {"models": {}, "roles": {t.name: getattr(t, "role", None) or "" for t in tasks},
+               "zero_shot": {}, "retrieval": {}, "probe": {}, "skipped": {}, "cache_hits": 0}
     extract = {"batch_size": batch_size, "workers": workers, "device": device}
     for spec in specs:
         model, preprocess, tokenizer = load_model(spec.name, spec.pretrained, device=device)
@@ -432,7 +433,11 @@ def evaluate(models, tasks=(), data=None, out="EVAL", retrieval=(), probe_shots=
 
 
 def side_by_side_rows(results: dict, labels: list[str]) -> list[dict]:
-    """One row per (task, measure): each model's value and its delta against the first model."""
+    """One row per (task, measure): each model's value and its delta against the first model.
+
+    `role` is the mini-world task's role (target: the style customization is for; control: styles
+    it should not lose), empty elsewhere.
+    """
     measures = []
     for task, by_model in results["zero_shot"].items():
         measures.append((task, f"zero-shot {next(iter(by_model.values()))['metric']}",
@@ -447,7 +452,8 @@ def side_by_side_rows(results: dict, labels: list[str]) -> list[dict]:
                              {m: r["shots"][shots]["mean"] for m, r in by_model.items()}))
     rows = []
     for task, measure, values in measures:
-        row = {"task": task, "measure": measure, **{m: round(values[m], 4) for m in labels}}
+        row = {"task": task, "role": results["roles"].get(task, ""), "measure": measure,
+               **{m: round(values[m], 4) for m in labels}}
         row.update({f"Δ {m}": round(values[m] - values[labels[0]], 4) for m in labels[1:]})
         rows.append(row)
     return rows
@@ -475,21 +481,22 @@ def _cell(value) -> str:
 
 
 def _bar_chart(rows: list[dict], labels: list[str], path: Path) -> None:
+    """Horizontal grouped bars, one group per table row, so long task/measure names stay readable."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    width = 0.8 / max(len(labels), 1)
-    figure, axes = plt.subplots(figsize=(max(6, 1.2 * len(rows) * max(len(labels), 1) / 2 + 3), 4))
-    positions = np.arange(len(rows))
+    height = 0.8 / max(len(labels), 1)
+    figure, axes = plt.subplots(figsize=(8, 1.2 + 0.25 * len(rows) * max(len(labels), 1) ** 0.5))
+    positions = np.arange(len(rows))[::-1]
     for i, label in enumerate(labels):
-        axes.bar(positions + i * width, [row[label] for row in rows], width, label=label)
-    axes.set_xticks(positions + width * (len(labels) - 1) / 2)
-    axes.set_xticklabels([f"{row['task']}\n{row['measure']}" for row in rows], fontsize=7, rotation=20, ha="right")
-    axes.set_ylim(0, 1)
-    axes.set_ylabel("score")
-    axes.legend()
+        axes.barh(positions - i * height, [row[label] for row in rows], height, label=label)
+    axes.set_yticks(positions - height * (len(labels) - 1) / 2)
+    axes.set_yticklabels([f"{row['task']}: {row['measure']}" for row in rows], fontsize=8)
+    axes.set_xlim(0, 1)
+    axes.set_xlabel("score")
+    axes.legend(loc="lower right")
     figure.tight_layout()
     with atomic_path(path) as tmp:
         figure.savefig(tmp, format="png", dpi=120)
