@@ -82,7 +82,7 @@ def test_parquet_and_image_folder_read_the_same_pairs_as_tar(tmp_path):
     as_folder = list(iter_corpus(str(tmp_path / "folder")))
     as_url = list(iter_corpus(f"file://{shard}"))
     for other in (as_bytes, as_paths, as_folder, as_url):
-        assert [(p.key, p.caption, p.image) for p in other] == [(p.key, p.caption, p.image) for p in pairs]
+        assert [(p.key, p.caption, p.image, p.image_ext) for p in other] == [(p.key, p.caption, p.image, "png") for p in pairs]
     assert as_bytes[0].extra == {"url": f"http://x/{pairs[0].key}", "id": "laion-0"}
     assert json.loads(pairs[0].extra["json"]) == {"shard": 0, "index": 0}
     embed_corpus(str(tmp_path / "bytes.parquet"), MODEL, None, tmp_path / "kb", batch_size=2, workers=0,

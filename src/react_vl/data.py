@@ -200,7 +200,16 @@ def _parquet_image(value, base: Path | None) -> tuple[bytes | None, str]:
     if value is None and path:
         full = Path(path) if Path(path).is_absolute() or base is None else base / path
         value = full.read_bytes() if full.is_file() else None
-    return value, ext or "jpg"
+    return value, ext or (_sniff_ext(value) if value else "")
+
+
+def _sniff_ext(data: bytes) -> str:
+    """The file extension for image bytes that came without a name (read from the header only)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return {"jpeg": "jpg"}.get(image.format.lower(), image.format.lower())
+    except Exception:  # noqa: BLE001 - undecodable bytes are counted when decoded, not here
+        return "jpg"
 
 
 def _read_folder(shard, skips, columns):

@@ -21,6 +21,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import webdataset as wds
 from tqdm import tqdm
@@ -41,11 +42,15 @@ def _read_retrieved(retrieved: str | Path, kb: str | Path | None) -> list[dict]:
     missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"{path} lacks column(s) {missing}; it has {table.column_names}")
+    rows = table.to_pylist()
     if kb is not None and "url" not in table.column_names:
         urls = KnowledgeBase(kb).metadata(["id", "url"])
         if "url" in urls.column_names:
-            table = table.join(urls, "id", join_type="left outer")
-    return table.to_pylist()
+            urls = urls.filter(pc.is_in(urls["id"], value_set=table["id"]))
+            url_of = dict(zip(urls["id"].to_pylist(), urls["url"].to_pylist()))
+            for row in rows:
+                row["url"] = url_of.get(row["id"])
+    return rows
 
 
 def _is_readable_shard(shard: str | None) -> bool:
