@@ -126,13 +126,19 @@ def test_labels_beyond_the_task_classes_are_an_error(tmp_path):
         oracle_zero_shot(features)
 
 
-def test_captioned_json_set_gives_recall_both_ways(tmp_path):
+@pytest.mark.parametrize("layout", ["json", "csv"])
+def test_captioned_set_gives_recall_both_ways(tmp_path, layout):
     entries = []
     for i, name in enumerate(COLORS):
         (tmp_path / f"{name}.png").write_bytes(_png(COLORS[name], i))
         entries.append({"image": f"{name}.png", "captions": [f"{name} block", f"something {name}"]})
-    (tmp_path / "captions.json").write_text(json.dumps(entries))
-    features = extract_features(OracleModel(), open_eval_data(str(tmp_path / "captions.json"), to_tensor), workers=0)
+    if layout == "json":
+        (tmp_path / "captions.json").write_text(json.dumps(entries))
+    else:
+        rows = [f"{e['image']},{caption}" for e in entries for caption in e["captions"]]
+        (tmp_path / "captions.csv").write_text("image,caption\n" + "\n".join(rows) + "\n")
+    features = extract_features(OracleModel(), open_eval_data(str(tmp_path / f"captions.{layout}"), to_tensor),
+                                workers=0)
     recall = image_text_retrieval(OracleModel(), oracle_tokenizer, features, "cpu")
     assert recall["image_to_text_R@1"] == 1.0 and recall["text_to_image_R@1"] == 1.0
     assert (recall["images"], recall["captions"]) == (3, 6)
