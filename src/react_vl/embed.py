@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
@@ -141,6 +140,8 @@ def embed_corpus(corpus: str | list[str], model: str | None, pretrained: str | N
     torch.manual_seed(0)  # randomly initialised models (no --pretrained) must agree across resumes and ranks
     clip, preprocess, tokenizer = load_model(model, pretrained, device=device)
     model_name = clip.react_vl["model"]
+    with torch.inference_mode():  # the embedding width, for shards with no usable pair
+        dim = clip.encode_text(tokenizer(["a"]).to(device)).shape[-1]
 
     mine = list(range(rank, len(shards), world_size))
     done = [p for p in finished_parts(kb_dir) if p in mine]
@@ -164,7 +165,7 @@ def embed_corpus(corpus: str | list[str], model: str | None, pretrained: str | N
                 pairs_done += len(batch["pairs"])
                 bar.update(len(batch["pairs"]))
             if batch["done"]:
-                _finish_part(kb_dir, part, shards[part], open_parts.pop(part), batch["skips"], clip, dtype,
+                _finish_part(kb_dir, part, shards[part], open_parts.pop(part), batch["skips"], dim, dtype,
                              model_name, pretrained)
                 parts_done += 1
                 bar.total = round(pairs_done / parts_done * len(todo))  # an estimate, for the ETA
@@ -184,8 +185,7 @@ def embed_corpus(corpus: str | list[str], model: str | None, pretrained: str | N
     return summary
 
 
-def _finish_part(kb_dir, part, shard, chunks, skips, clip, dtype, model_name, pretrained):
-    dim = open_clip.get_model_config(model_name)["embed_dim"]
+def _finish_part(kb_dir, part, shard, chunks, skips, dim, dtype, model_name, pretrained):
     image_emb = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros((0, dim), np.float32)
     text_emb = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, dim), np.float32)
     rows = [row for c in chunks for row in c[2]]
