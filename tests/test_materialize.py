@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 
-from react_vl.data import iter_corpus
+from react_vl.data import ParquetColumns, iter_corpus
 from react_vl.embed import embed_corpus
 from react_vl.kb import KnowledgeBase
 from react_vl.materialize import materialize
@@ -89,17 +89,19 @@ def test_rerun_replaces_shards_and_bad_input_is_named(world_kb, tmp_path):
 def test_parquet_corpus_and_url_corpus(tiny_world, tmp_path):
     """Pairs are streamed out of a parquet corpus too; pairs with no shard get their url from --kb."""
     pairs = [p for _, p in zip(range(6), iter_corpus(str(tiny_world / "kb" / "kb-000000.tar")))]
-    pq.write_table(pa.table({"key": [p.key for p in pairs], "caption": [p.caption for p in pairs],
-                             "image": [p.image for p in pairs], "url": [f"https://img/{p.key}.png" for p in pairs]}),
+    columns = ParquetColumns(caption="text", image="jpg")
+    pq.write_table(pa.table({"key": [p.key for p in pairs], "text": [p.caption for p in pairs],
+                             "jpg": [p.image for p in pairs], "url": [f"https://img/{p.key}.png" for p in pairs]}),
                    tmp_path / "corpus.parquet")
-    embed_corpus(str(tmp_path / "corpus.parquet"), "mini-vit-test", None, tmp_path / "kb", workers=0, progress=False)
+    embed_corpus(str(tmp_path / "corpus.parquet"), "mini-vit-test", None, tmp_path / "kb", workers=0,
+                 columns=columns, progress=False)
     metadata = KnowledgeBase(tmp_path / "kb").metadata().to_pylist()
     rows = [{"id": m["id"], "key": m["key"], "caption": m["caption"], "shard": m["shard"] if i < 4 else None,
              "score": 0.5, "classes": ["circle"]} for i, m in enumerate(metadata)]
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "retrieved.parquet")
 
     summary = materialize(tmp_path / "retrieved.parquet", tmp_path / "out", kb=tmp_path / "kb",
-                          run_img2dataset=False, progress=False)
+                          run_img2dataset=False, columns=columns, progress=False)
     samples = list(wds.WebDataset(str(tmp_path / "out" / "shard-000000.tar"), shardshuffle=False))
     assert [s["png"] for s in samples] == [p.image for p in pairs[:4]]
     assert json.loads(samples[0]["json"])["url"] == f"https://img/{pairs[0].key}.png"  # source column kept

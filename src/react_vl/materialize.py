@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from tqdm import tqdm
 
-from .data import MAX_LISTED_SKIPS, SkipLog, read_shard
+from .data import MAX_LISTED_SKIPS, ParquetColumns, SkipLog, read_shard
 from .kb import KnowledgeBase
 from .utils import atomic_path, write_json
 
@@ -71,10 +71,11 @@ def _sample(pair, row: dict) -> dict:
 
 
 def materialize(retrieved: str | Path, out: str | Path, kb: str | Path | None = None, maxcount: int = 10000,
-                run_img2dataset: bool = True, progress: bool = True) -> dict:
+                run_img2dataset: bool = True, columns: ParquetColumns | None = None, progress: bool = True) -> dict:
     """Write the retrieved pairs of `retrieved` (R/ or its parquet) as shards in `out`.
 
-    `kb` (optional) supplies a `url` column by id for pairs without a local shard.
+    `kb` (optional) supplies a `url` column by id for pairs without a local shard; `columns` names
+    the columns of a parquet corpus, as given to embed.
     Returns the summary, also written to out/summary.json.
     """
     started = time.time()
@@ -96,7 +97,7 @@ def materialize(retrieved: str | Path, out: str | Path, kb: str | Path | None = 
         with wds.ShardWriter(f"{tmp}/shard-%06d.tar", maxcount=maxcount, verbose=0) as sink:
             for shard in tqdm(sorted(by_shard), desc="materialize", unit="shard", disable=not progress):
                 wanted = by_shard[shard]
-                for pair in read_shard(shard, shard_errors):
+                for pair in read_shard(shard, shard_errors, columns):
                     row = wanted.pop(pair.key, None)
                     if row is not None:
                         sink.write(_sample(pair, row))
