@@ -127,3 +127,19 @@ def test_cli_index_and_retrieve(planted, tmp_path):
     assert json.loads((tmp_path / "r" / "summary.json").read_text())["per_class_counts"] == {n: 5 for n in TASK.classnames}
     result = runner.invoke(main, ["retrieve", str(small.path), "--task", "no-such-task", "--out", str(tmp_path / "x")])
     assert result.exit_code != 0 and "unknown task 'no-such-task'" in result.output
+
+
+@pytest.mark.slow
+def test_mini_world_embed_index_retrieve(tiny_world, tmp_path):
+    """The real stages in a row on the mini world: embed's KB -> index -> retrieve with an eval set to embed."""
+    from react_vl.embed import embed_corpus
+    embed_corpus(str(tiny_world / "kb"), "mini-vit-test", None, tmp_path / "kb", batch_size=256, workers=0,
+                 progress=False)
+    build_indexes(tmp_path / "kb", n_queries=100)
+    eval_dir = tiny_world / "eval" / "mini-shape-sketch"
+    summary = retrieve(tmp_path / "kb", "mini-shape-sketch", tmp_path / "r", per_class=20, eval_set=eval_dir)
+    rows = _read(tmp_path / "r")
+    meta = {r["id"]: r for r in KnowledgeBase(tmp_path / "kb").metadata().to_pylist()}
+    assert 0 < len(rows) == summary["retrieved"] <= 20 * len(summary["per_class_counts"])
+    assert all(meta[r["id"]]["key"] == r["key"] and (tiny_world / "kb").as_posix() in r["shard"] for r in rows)
+    assert set(summary["removed"]) == {"eval_overlap", "near_duplicate"}

@@ -31,7 +31,7 @@ KINDS = {"image": "img_emb", "text": "text_emb"}
 FLAT_MAX_VECTORS = 10_000       # below this, exact search is fast enough and loses nothing
 HNSW_MAX_VECTORS = 1_000_000    # HNSW build time grows too fast beyond this (autofaiss' limit too)
 HNSW_M = 32                     # graph links per node; fewer (down to 8) when the budget is tight
-ADD_CHUNK = 100_000             # vectors converted to float32 and added at a time
+ADD_CHUNK = 20_000              # vectors converted to float32 and added at a time (bounds memory)
 MMAP_MIN_BYTES = 2**30          # indexes at least this large load memory-mapped
 _SIZE_RE = re.compile(r"^\s*([\d.]+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 
