@@ -18,9 +18,9 @@ import glob
 import io
 import os
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import braceexpand
 import pyarrow.parquet as pq

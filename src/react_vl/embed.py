@@ -135,7 +135,7 @@ def embed_corpus(corpus: str | list[str], model: str | None, pretrained: str | N
     rank, world_size, own_group = _distributed()
     shards = list_shards(corpus)
     if device in (None, "auto") and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     device = resolve_device(device)
     torch.manual_seed(0)  # randomly initialised models (no --pretrained) must agree across resumes and ranks
     clip, preprocess, tokenizer = load_model(model, pretrained, device=device)

@@ -152,6 +152,6 @@ def _write_url_list(url_rows: list[dict], out: Path, run: bool) -> dict:
         pq.write_table(table, tmp)
     command = img2dataset_command(url_list, out / "downloaded")
     installed = shutil.which("img2dataset") is not None
-    returncode = subprocess.run(command).returncode if run and installed else None
+    returncode = subprocess.run(command, check=False).returncode if run and installed else None
     return {"count": len(url_rows), "url_list": str(url_list), "img2dataset_command": command,
             "img2dataset_installed": installed, "img2dataset_returncode": returncode}
