@@ -203,12 +203,13 @@ def build_index(kb: KnowledgeBase, kind: str, memory_budget: str | int = "4GB", 
             bar.update(len(vectors))
     build_s = time.perf_counter() - started
 
-    # Held-out queries: captions (REACT's queries are text). On the text index a caption finds
-    # itself, so its own id is excluded from both the exact and the approximate lists.
+    # Queries: captions of sampled pairs (REACT's queries are text). Each query's own pair is left
+    # out of both the exact and the approximate lists, so the queries act as held-out points
+    # instead of finding themselves (or their paired image) for free.
     query_rows = np.sort(rng.choice(count, min(n_queries, count), replace=False))
     queries = read_rows(kb, "text", query_rows)
     kb_ids = kb.ids()
-    own_ids = kb_ids[query_rows] if kind == "text" else None
+    own_ids = kb_ids[query_rows]
     _, exact_rows = knn_ground_truth(queries, (vectors for vectors, _ in _part_chunks(kb, kind)), k + 1,
                                      faiss.METRIC_INNER_PRODUCT)
     truth = _first_k_not_own(kb_ids[exact_rows], own_ids, k)
