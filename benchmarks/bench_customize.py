@@ -102,16 +102,15 @@ def main():
           f"{'peak MiB':>9} {'x full':>7}")
     for name in args.models.split(","):
         for precision in args.precisions.split(","):
-            rows = []
-            for variant in VARIANTS:
+            full = None
+            for variant in VARIANTS:  # "full" first: the rows after it are printed as ratios to it
                 spec = ",".join([name, variant, batches.get(name, "8"), str(args.steps), precision])
                 result = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True,
                                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
                 if result.returncode:
                     raise SystemExit(f"{spec} failed:\n{result.stderr[-2000:]}")
-                rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-            full = rows[0]
-            for row in rows:
+                row = json.loads(result.stdout.strip().splitlines()[-1])
+                full = full or row
                 print(f"{name:10} {precision:5} {row['variant']:18} {row['trainable']:>11,} {row['step_s']:8.3f} "
                       f"{row['step_s'] / full['step_s']:7.2f} {row['train_peak_mib']:9.1f} "
                       f"{row['train_peak_mib'] / full['train_peak_mib']:7.2f}", flush=True)
