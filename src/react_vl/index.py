@@ -112,15 +112,16 @@ def ids_fingerprint(ids: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
-def _part_chunks(kb: KnowledgeBase, kind: str, chunk: int = ADD_CHUNK):
-    """(float32 vectors, ids) in chunks, part by part, reading each part memory-mapped."""
+def _part_chunks(kb: KnowledgeBase, kind: str, leave_out: np.ndarray, chunk: int = ADD_CHUNK):
+    """(float32 vectors, ids) in chunks, part by part (memory-mapped), without the rows where `leave_out` is True."""
     ids = kb.ids()
     start = 0
     for part in kb.parts:
         emb = np.load(kb.path / KINDS[kind] / f"{KINDS[kind]}_{part}.npy", mmap_mode="r")
-        for lo in range(0, len(emb), chunk):
-            rows = np.ascontiguousarray(emb[lo:lo + chunk], dtype=np.float32)
-            yield rows, ids[start + lo:start + lo + len(rows)]
+        for lo in range(start, start + len(emb), chunk):
+            hi = min(lo + chunk, start + len(emb))
+            keep = ~leave_out[lo:hi]
+            yield np.asarray(emb[lo - start:hi - start], dtype=np.float32)[keep], ids[lo:hi][keep]
         start += len(emb)
 
 
@@ -158,20 +159,17 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
 
 
 def tune(index: faiss.Index, factory: str, queries: np.ndarray, truth: np.ndarray, k: int,
-         target_recall: float, own_ids: np.ndarray | None = None) -> dict:
-    """Cheapest search setting reaching `target_recall`@k (else the most accurate one), with its latency.
-
-    `own_ids`: queries that are themselves in the index; their own id is left out of the results.
-    """
+         target_recall: float) -> dict:
+    """Cheapest search setting reaching `target_recall`@k (else the most accurate one), with its latency."""
     space = faiss.ParameterSpace()
     best = None
     for params in search_candidates(factory):
         if params:
             space.set_index_parameters(index, params)
         start = time.perf_counter()
-        _, found = index.search(queries, k + 1)
+        _, found = index.search(queries, k)
         latency = (time.perf_counter() - start) / len(queries)
-        result = {"params": params, "recall": recall_at_k(_first_k_not_own(found, own_ids, k), truth, k), "latency_ms": 1000 * latency}
+        result = {"params": params, "recall": recall_at_k(found, truth, k), "latency_ms": 1000 * latency}
         if best is None or result["recall"] > best["recall"]:
             best = result
         if result["recall"] >= target_recall:
@@ -192,28 +190,30 @@ def build_index(kb: KnowledgeBase, kind: str, memory_budget: str | int = "4GB", 
     factory = factory or choose_factory(count, dim, memory_budget)
     rng = np.random.default_rng(seed)
     index = make_index(factory, dim)
+    kb_ids = kb.ids()
 
     n_train = train_size(factory, count)
     if n_train:
         train_rows = np.sort(rng.choice(count, n_train, replace=False))
         index.train(read_rows(kb, kind, train_rows))
+    # Tuning queries: captions of held-out pairs (REACT's queries are text). Their pairs are added
+    # only after tuning, so no query finds itself, its own image, or its graph links for free.
+    held_out = np.sort(rng.choice(count, min(n_queries, count // 10 or 1), replace=False))
+    is_held_out = np.zeros(count, dtype=bool)
+    is_held_out[held_out] = True
     with tqdm(total=count, desc=f"index {kind} ({factory})", unit="vec", unit_scale=True) as bar:
-        for vectors, ids in _part_chunks(kb, kind):
+        for vectors, ids in _part_chunks(kb, kind, is_held_out):
             index.add_with_ids(vectors, ids)
             bar.update(len(vectors))
-    build_s = time.perf_counter() - started
 
-    # Queries: captions of sampled pairs (REACT's queries are text). Each query's own pair is left
-    # out of both the exact and the approximate lists, so the queries act as held-out points
-    # instead of finding themselves (or their paired image) for free.
-    query_rows = np.sort(rng.choice(count, min(n_queries, count), replace=False))
-    queries = read_rows(kb, "text", query_rows)
-    kb_ids = kb.ids()
-    own_ids = kb_ids[query_rows]
-    _, exact_rows = knn_ground_truth(queries, (vectors for vectors, _ in _part_chunks(kb, kind)), k + 1,
-                                     faiss.METRIC_INNER_PRODUCT)
-    truth = _first_k_not_own(kb_ids[exact_rows], own_ids, k)
-    tuned = tune(index, factory, queries, truth, k, target_recall, own_ids)
+        queries = read_rows(kb, "text", held_out)
+        _, exact_rows = knn_ground_truth(queries, (vectors for vectors, _ in _part_chunks(kb, kind, is_held_out)),
+                                         k, faiss.METRIC_INNER_PRODUCT)
+        truth = kb_ids[~is_held_out][exact_rows]
+        tuned = tune(index, factory, queries, truth, k, target_recall)
+        index.add_with_ids(read_rows(kb, kind, held_out), kb_ids[held_out])
+        bar.update(len(held_out))
+    build_s = time.perf_counter() - started
 
     path = kb.path / f"{kind}.index"
     with atomic_path(path) as tmp:
@@ -230,13 +230,6 @@ def build_index(kb: KnowledgeBase, kind: str, memory_budget: str | int = "4GB", 
     }
     write_json(infos, kb.path / f"{kind}.index.json")
     return infos
-
-
-def _first_k_not_own(ids: np.ndarray, own_ids: np.ndarray | None, k: int) -> np.ndarray:
-    """Top-k ids per row from k+1 results, leaving out each query's own id when given."""
-    if own_ids is None:
-        return ids[:, :k]
-    return np.stack([row[row != own][:k] if (row == own).any() else row[:k] for row, own in zip(ids, own_ids)])
 
 
 def build_indexes(kb_path: str | Path, memory_budget: str | int = "4GB", target_recall: float = 0.95,
