@@ -1,0 +1,411 @@
+"""`react-vl study`: the paper's ablations on the mini world, each over several customization seeds.
+
+    summary = run_study("react-vl-study", quick=False, seeds=3)
+
+The ablations (REACT's tables; docs/DESIGN.md for the stages they run through):
+- strategy: base, locked-image, locked-text, full, gated-image, gated-image-text, at the paper's
+  learning rates (5e-4 gated, 5e-5 otherwise: train's defaults), with trainable parameter counts;
+- training set: retrieved vs a random subset of the knowledge base of the same size vs an oracle
+  subset of that size (pairs whose ground-truth style is a target's, captions not noisy);
+- retrieval mode: t2t, t2i, both;  retrieval size: ~1%, the demo's size, ~10% of the knowledge base;
+- number of gated layers, 1 .. depth;
+- forgetting: every row shows the control tasks next to the targets; two ways to bound it are
+  measured: mixing a share of general (pretraining) pairs into every batch, and fewer steps.
+
+What is shared and what a seed changes: the world, the base model (trained once, as in the demo,
+and cached), the knowledge base, its indexes and the retrieved sets are prepared once. A seed is
+the customization seed: gated-block initialisation, data order and augmentation, and the draw of
+the random and oracle subsets. So the spread measures customization noise, not base-model noise.
+
+Every run writes STUDY/runs/<key>/result.json; a run whose result exists is not redone, so a
+killed study continues where it stopped, and a run several ablations share (the default
+gated-image run is in most) is trained once. Runs go seed by seed, and STUDY/study.json (every
+run) and STUDY/study.md (tables, mean ± std over seeds) are rewritten after each run.
+
+Time on 2 CPU cores, estimated (not measured end to end: see the report of issue 6) from the
+per-step rates in ../shared/MINI-WORLD.md (mini-vit, batch 128, bf16): preparation ~14 min from
+scratch (world 1.5, base 10 unless the demo's cached base is reused, KB 2); a 300-step run
+~1 min for gated strategies and ~2 min for those tuning a whole tower, plus ~10 s evaluation;
+the full study is 19 distinct runs per seed (~27 min), so ~1 h 45 min for 3 seeds; `quick`
+is 14 runs and 1 seed, ~25 min with a cached base. Every run's seconds are in study.json.
+"""
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from .demo import (
+    CONTROL_TASKS,
+    TARGET_TASKS,
+    DemoConfig,
+    StageClock,
+    _versions,
+    merge_retrieved,
+    prepare,
+    random_subset,
+)
+from .strategies import GATED_STRATEGIES
+from .utils import atomic_path, read_json, write_json
+from .world import ATTRIBUTE_CLASSES, MINI_TASKS
+
+ABLATIONS = ("strategy", "subset", "mode", "size", "layers", "forgetting")
+STRATEGY_ORDER = ("locked-image", "locked-text", "full", "gated-image", "gated-image-text")
+# what each strategy does to the image and text towers, as the paper's strategy table shows it
+TOWERS = {"base": ("-", "-"), "locked-image": ("frozen", "tuned"), "locked-text": ("tuned", "frozen"),
+          "full": ("tuned", "tuned"), "gated-image": ("gated", "frozen"), "gated-image-text": ("gated", "tuned")}
+# what the paper measured (ImageNet-1k zero-shot, ViT-B/32; /work/shared/REFERENCE.md), beside ours
+PAPER_IN1K = {"base": 63.2, "locked-image": 63.7, "locked-text": 66.9, "full": 64.3, "gated-image": 68.6,
+              "gated-image-text": 68.7, "t2i": 65.8, "t2t": 68.6, "both": 68.6}
+SIZE_SHARES = (0.01, 0.10)  # retrieval size curve: these shares of the KB, plus the demo's per_class
+MIX_RATIOS = (0.25, 0.5)  # share of every batch drawn from the pretraining corpus
+TASKS = TARGET_TASKS + CONTROL_TASKS
+
+
+@dataclass(frozen=True)
+class Run:
+    """One customization run; its key names its folder, so equal runs of two ablations are one."""
+    strategy: str = "gated-image"
+    data: str = "retrieved"  # retrieved | random | oracle (random and oracle: the default retrieved size)
+    mode: str = "both"
+    per_class: int = 400
+    gated_layers: int = 0  # the last N image layers get gated blocks (0 for strategies without them)
+    mix_ratio: float = 0.0
+    steps: int = 300
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        data = f"retrieved-{self.mode}-{self.per_class}" if self.data == "retrieved" else self.data
+        return (f"{self.strategy}_{data}_L{self.gated_layers}_mix{self.mix_ratio:g}_"
+                f"{self.steps}steps_seed{self.seed}")
+
+
+def _depth(model_name: str) -> int:
+    import open_clip
+
+    from . import models  # noqa: F401  (registers the mini-world model configs with open_clip)
+    return open_clip.get_model_config(model_name)["vision_cfg"]["layers"]
+
+
+def plan_study(config: DemoConfig, quick: bool = False, ablations=ABLATIONS) -> dict[str, list[tuple[str, Run]]]:
+    """Each ablation's rows: (label, run at seed 0). `quick` keeps fewer points of the long curves."""
+    from .gated import default_gated_layers
+
+    unknown = set(ablations) - set(ABLATIONS)
+    if unknown:
+        raise ValueError(f"unknown ablation(s) {sorted(unknown)}; choose from {', '.join(ABLATIONS)}")
+    depth = _depth(config.model)
+    default = Run(mode=config.retrieve_mode, per_class=config.per_class,
+                  gated_layers=len(default_gated_layers(depth)), steps=config.steps)
+    n_classes = sum(len(ATTRIBUTE_CLASSES[MINI_TASKS[t]["attribute"]]) for t in TARGET_TASKS)
+    shares = SIZE_SHARES[:1] if quick else SIZE_SHARES
+    size_points = sorted({max(1, round(share * config.world.kb_size / n_classes)) for share in shares}
+                         | {config.per_class})
+    layer_points = sorted({1, default.gated_layers, depth}) if quick else range(1, depth + 1)
+    plan = {
+        "strategy": [(s, dataclasses.replace(default, strategy=s, gated_layers=default.gated_layers
+                                             if s in GATED_STRATEGIES else 0)) for s in STRATEGY_ORDER],
+        "subset": [(d, dataclasses.replace(default, data=d)) for d in ("retrieved", "random", "oracle")],
+        "mode": [(m, dataclasses.replace(default, mode=m)) for m in ("t2t", "t2i", "both")],
+        "size": [(f"{n} per class", dataclasses.replace(default, per_class=n)) for n in size_points],
+        "layers": [(f"{n} of {depth}", dataclasses.replace(default, gated_layers=n)) for n in layer_points],
+        "forgetting": [(f"{config.steps} steps", default)]
+                      + [(f"{config.steps} steps, {100 * r:g}% general pairs", dataclasses.replace(default, mix_ratio=r))
+                         for r in MIX_RATIOS[:1 if quick else None]]
+                      + [(f"{config.steps // 3} steps", dataclasses.replace(default, steps=config.steps // 3))],
+    }
+    return {name: plan[name] for name in ABLATIONS if name in ablations}
+
+
+# --- training sets -------------------------------------------------------------------------------
+def oracle_subset(kb_dir: Path, size: int, seed: int, out: Path) -> Path:
+    """The upper control: `size` KB pairs in the target tasks' styles with true captions, split
+    evenly over the targets, picked from the ground truth that retrieval never sees."""
+    from .kb import KnowledgeBase
+
+    metadata = KnowledgeBase(kb_dir).metadata()
+    if "json" not in metadata.column_names:
+        raise ValueError(f"{kb_dir}: the oracle subset needs the ground-truth `json` metadata column "
+                         f"(the mini world's KEY.json), which this knowledge base lacks")
+    truth = [json.loads(text) if text else {} for text in metadata.column("json").to_pylist()]
+    rng = np.random.default_rng(seed)
+    picked, classes = [], []
+    for i, task in enumerate(TARGET_TASKS):
+        spec = MINI_TASKS[task]
+        rows = [r for r, t in enumerate(truth) if t.get("style") == spec["style"] and not t.get("noisy")]
+        share = size // len(TARGET_TASKS) + (i < size % len(TARGET_TASKS))
+        chosen = rng.choice(rows, size=min(share, len(rows)), replace=False) if rows else []
+        picked += [int(r) for r in chosen]
+        classes += [[truth[r][spec["attribute"]]] for r in chosen]
+    table = metadata.take(picked)
+    table = table.append_column("score", pa.array(np.ones(len(picked), dtype=np.float32)))
+    table = table.append_column("classes", pa.array(classes, pa.list_(pa.string())))
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, out / "retrieved.parquet")
+    return out
+
+
+def training_set(study_dir: Path, kb: Path, run: Run, subset_size: Callable[[], int] | None) -> tuple[Path, int]:
+    """The shards `run` trains on, made (retrieve or draw, then materialize) the first time asked.
+    `subset_size` gives the random and oracle subsets their size: the default retrieved set's."""
+    from .materialize import materialize
+    from .retrieve import retrieve
+    from .tasks import get_task
+
+    if run.data == "retrieved":
+        folder = study_dir / "data" / f"retrieved-{run.mode}-{run.per_class}"
+    else:
+        folder = study_dir / "data" / f"{run.data}-seed{run.seed}"
+    done = folder / "shards" / "summary.json"
+    if not done.is_file():
+        if run.data == "retrieved":
+            parts = [folder / name for name in TARGET_TASKS]
+            for name, part in zip(TARGET_TASKS, parts):
+                retrieve(kb, get_task(name), part, mode=run.mode, per_class=run.per_class)
+            selected = merge_retrieved(parts, folder / "all")
+        else:
+            draw = random_subset if run.data == "random" else oracle_subset
+            selected = draw(kb, subset_size(), run.seed, folder / "selected")
+        materialize(selected, folder / "shards", progress=False)
+    return folder / "shards", read_json(done)["count"]
+
+
+# --- runs ----------------------------------------------------------------------------------------
+def scores_of(model_spec: str, study_dir: Path, out: Path, config: DemoConfig) -> tuple[dict, float]:
+    """Zero-shot score (percent) of one model on every target and control task, and the seconds it took."""
+    from .evaluate import evaluate
+
+    results = evaluate([model_spec], TASKS, data=str(study_dir / "world"), out=out, workers=config.workers)
+    label = model_spec.split("=", 1)[0]
+    return {t: round(100 * results["zero_shot"][t][label]["score"], 2) for t in TASKS}, results["seconds"]
+
+
+def do_run(study_dir: Path, kb: Path, base: Path, run: Run, config: DemoConfig,
+           subset_size: Callable[[], int]) -> dict:
+    """Train and evaluate one run, or read its result if it exists (that is what makes the study resumable)."""
+    from .train import train
+
+    run_dir = study_dir / "runs" / run.key
+    if (run_dir / "result.json").is_file():
+        return read_json(run_dir / "result.json")
+    shards, pairs = training_set(study_dir, kb, run, subset_size)
+    resume = "latest" if any((run_dir / "checkpoints").glob("step_*.pt")) else None
+    summary = train(str(shards), None, str(base), run_dir, strategy=run.strategy, steps=run.steps,
+                    batch_size=config.batch, precision=config.precision, seed=run.seed, workers=config.workers,
+                    gated_layers_spec=run.gated_layers or None, mix_ratio=run.mix_ratio,
+                    mix_shards=str(study_dir / "world" / "pretrain") if run.mix_ratio else None, resume=resume)
+    scores, eval_seconds = scores_of(f"run=@{run_dir / 'model.pt'}", study_dir, run_dir / "eval", config)
+    result = {"key": run.key, "seed": run.seed, "config": {**asdict(run), "lr": summary["args"]["lr"],
+                                                           "batch_size": config.batch},
+              "scores": scores, "train_pairs": pairs, "trainable_params": summary["trainable_params"],
+              "gates": summary["final_gates"], "final_loss": summary["final_loss"],
+              "seconds": {"train": round(summary["time_s"], 1), "eval": eval_seconds}}
+    write_json(result, run_dir / "result.json")
+    return read_json(run_dir / "result.json")  # as a resumed study reads it (JSON keys: layer numbers as strings)
+
+
+# --- tables --------------------------------------------------------------------------------------
+def mean_std(values) -> tuple[float, float | None]:
+    """Mean and sample standard deviation (ddof=1) over seeds; no spread from a single value."""
+    values = np.asarray(list(values), dtype=float)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else None
+
+
+def _stat(values) -> dict:
+    mean, std = mean_std(values)
+    return {"mean": round(mean, 3), "std": None if std is None else round(std, 3), "n": len(values)}
+
+
+def table_row(label: str, results: list[dict], base_scores: dict) -> dict:
+    """One ablation row: every task's score and the mean change on targets and on controls, over seeds."""
+    def change(result, tasks):
+        return np.mean([result["scores"][t] - base_scores[t] for t in tasks])
+
+    return {"label": label, "seeds": [r["seed"] for r in results],
+            "trainable_params": results[0]["trainable_params"] if results else 0,
+            "train_pairs": results[0]["train_pairs"] if results else 0,
+            "scores": {t: _stat([r["scores"][t] for r in results]) for t in TASKS},
+            "target_change": _stat([change(r, TARGET_TASKS) for r in results]),
+            "control_change": _stat([change(r, CONTROL_TASKS) for r in results])}
+
+
+def base_row(base_scores: dict) -> dict:
+    """The base model: one shared model, so no seed spread."""
+    zero = {"mean": 0.0, "std": None, "n": 1}
+    return {"label": "base", "seeds": [], "trainable_params": 0, "train_pairs": 0,
+            "scores": {t: {"mean": base_scores[t], "std": None, "n": 1} for t in TASKS},
+            "target_change": zero, "control_change": zero}
+
+
+def gain_in_seed_std(retrieved: dict, random: dict) -> dict:
+    """Per target task: (retrieved - random) / pooled seed std; None where one seed gives no spread."""
+    out = {}
+    for task in TARGET_TASKS:
+        a, b = retrieved["scores"][task], random["scores"][task]
+        diff = a["mean"] - b["mean"]
+        pooled = np.sqrt((a["std"] ** 2 + b["std"] ** 2) / 2) if a["std"] is not None and b["std"] is not None else None
+        out[task] = {"difference": round(diff, 3), "pooled_std": None if pooled is None else round(float(pooled), 3),
+                     "in_std": None if not pooled else round(float(diff / pooled), 2)}
+    return out
+
+
+def _cell(stat: dict, signed: bool = False) -> str:
+    text = f"{stat['mean']:+.1f}" if signed else f"{stat['mean']:.1f}"
+    return text if stat["std"] is None else f"{text} ± {stat['std']:.1f}"
+
+
+TABLE_TITLES = {
+    "strategy": ("Strategies (paper: REACT Table 6)", "strategy"),
+    "subset": ("Retrieved vs random vs oracle training set of the same size (gated-image)", "training set"),
+    "mode": ("Retrieval mode (gated-image)", "mode"),
+    "size": ("Retrieval size (gated-image)", "retrieved per class"),
+    "layers": ("Number of gated layers (the last N image layers)", "gated layers"),
+    "forgetting": ("Bounding forgetting (gated-image)", "setting"),
+}
+
+
+def markdown_table(ablation: str, rows: list[dict], kb_size: int) -> list[str]:
+    title, first = TABLE_TITLES[ablation]
+    extra = {"strategy": ["image", "text", "trainable", "paper IN-1k"], "layers": ["trainable"],
+             "size": ["pairs", "% of KB"], "subset": ["pairs"], "mode": ["pairs", "paper IN-1k"]}.get(ablation, [])
+    columns = [first, *extra, *(f"{t} (target)" for t in TARGET_TASKS), *(f"{t} (control)" for t in CONTROL_TASKS),
+               "Δ target", "Δ control"]
+    lines = [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = {"image": TOWERS.get(row["label"], ("", ""))[0], "text": TOWERS.get(row["label"], ("", ""))[1],
+                 "trainable": f"{row['trainable_params']:,}", "pairs": f"{row['train_pairs']:,}",
+                 "% of KB": f"{100 * row['train_pairs'] / kb_size:.1f}",
+                 "paper IN-1k": str(PAPER_IN1K.get(row["label"], ""))}
+        lines.append("| " + " | ".join([row["label"], *(cells[c] for c in extra),
+                                          *(_cell(row["scores"][t]) for t in TASKS),
+                                          _cell(row["target_change"], True), _cell(row["control_change"], True)]) + " |")
+    return lines
+
+
+def gates_table(records: list[dict], depth: int) -> list[str]:
+    """tanh(alpha) per gated layer after training (attention / dense gate), mean over seeds."""
+    by_setting: dict[str, list[dict]] = {}
+    for r in records:
+        if r["gates"]:
+            by_setting.setdefault(r["key"].rsplit("_seed", 1)[0], []).append(r["gates"])
+    lines = ["### Gate values after training, tanh(alpha) attention / dense, mean over seeds", "",
+             "| run | " + " | ".join(f"layer {i}" for i in range(depth)) + " |", "|" + "---|" * (depth + 1)]
+    for setting, gates in sorted(by_setting.items()):
+        cells = []
+        for layer in range(depth):
+            found = [g[str(layer)] for g in gates if str(layer) in g]
+            cells.append(f"{np.mean([g['attn'] for g in found]):.3f} / {np.mean([g['dense'] for g in found]):.3f}"
+                         if found else "")
+        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def build_tables(plan: dict, records: dict[str, dict], base_scores: dict) -> dict:
+    """Every ablation's rows from the finished runs (seeds that are not done yet are left out)."""
+    tables = {}
+    for ablation, points in plan.items():
+        rows = [base_row(base_scores)]  # "before" in every table, so forgetting reads off each one
+        for label, run in points:
+            done = [r for r in records.values() if r["key"].rsplit("_seed", 1)[0] == run.key.rsplit("_seed", 1)[0]]
+            if done:
+                rows.append(table_row(label, sorted(done, key=lambda r: r["seed"]), base_scores))
+        tables[ablation] = rows
+    return tables
+
+
+def write_study(study_dir: Path, summary: dict) -> None:
+    """study.json (everything) and study.md (the tables)."""
+    write_json(summary, study_dir / "study.json")
+    kb_size = summary["settings"]["world"]["kb_size"]
+    lines = ["# react-vl study: REACT's ablations on the mini world", "",
+             (f"Mean ± standard deviation over customization seeds {summary['seeds']} (one shared base model, "
+             f"knowledge base and retrieval; a seed changes gated-block init, data order and the random/oracle draws). "
+             f"Zero-shot scores in percent; Δ: mean change against base over the target / control tasks. "
+             f"{summary['runs_done']} of {summary['runs_planned']} runs done; training and evaluation took "
+             f"{summary['run_seconds'] / 60:.1f} min in all, this invocation {summary['seconds'] / 60:.1f} min."), ""]
+    for ablation, rows in summary["tables"].items():
+        lines += markdown_table(ablation, rows, kb_size) + [""]
+        if ablation == "subset" and summary.get("retrieved_vs_random"):
+            lines += ["Retrieved − random, in units of the pooled seed standard deviation: " + "; ".join(
+                f"{task} {v['difference']:+.1f} points = "
+                + (f"{v['in_std']:+.1f} std" if v["in_std"] is not None else "n/a (one seed)")
+                for task, v in summary["retrieved_vs_random"].items()), ""]
+    lines += gates_table(summary["runs"], summary["depth"]) + [""]
+    with atomic_path(study_dir / "study.md") as tmp:
+        tmp.write_text("\n".join(lines))
+
+
+def _check_same_config(study_dir: Path, config: DemoConfig) -> None:
+    """A study folder holds one config: resuming with another would mix runs that are not comparable."""
+    path = study_dir / "study-config.json"
+    settings = json.loads(json.dumps(asdict(config)))
+    settings["world"].pop("workers")
+    settings.pop("workers")
+    if path.is_file():
+        changed = sorted(k for k, v in read_json(path).items() if settings.get(k) != v)
+        if changed:
+            raise ValueError(f"{study_dir} holds a study made with other settings ({', '.join(changed)} differ); "
+                             f"use another --out or delete it")
+    else:
+        write_json(settings, path)
+
+
+def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: DemoConfig | None = None,
+              seeds: int = 3, *, ablations=ABLATIONS, cache_dir: str | Path | None = "~/.cache/react-vl") -> dict:
+    """Run (or resume) every ablation for `seeds` customization seeds; return what STUDY/study.json holds."""
+    config = config or DemoConfig()
+    if seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}")
+    study_dir = Path(out)
+    study_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_config(study_dir, config)
+    plan = plan_study(config, quick, ablations)
+    clock = StageClock()
+    started = time.time()
+    base, kb = prepare(study_dir, config, Path(cache_dir).expanduser() if cache_dir else None, clock)
+    with clock("base scores", "zero-shot scores of the base model on every task"):
+        if not (study_dir / "base_scores.json").is_file():
+            write_json(scores_of(f"base=@{base}", study_dir, study_dir / "base_eval", config)[0],
+                       study_dir / "base_scores.json")
+        base_scores = read_json(study_dir / "base_scores.json")
+
+    default_retrieved = Run(mode=config.retrieve_mode, per_class=config.per_class)
+
+    def subset_size() -> int:  # random and oracle subsets: as many pairs as the default retrieved set
+        return training_set(study_dir, kb, default_retrieved, None)[1]
+
+    unique = {}
+    for seed in range(config.seed, config.seed + seeds):
+        for points in plan.values():
+            for _, run in points:
+                unique.setdefault(dataclasses.replace(run, seed=seed).key, dataclasses.replace(run, seed=seed))
+    records: dict[str, dict] = {}
+    summary = {}
+    for run in tqdm(unique.values(), desc="study", unit="run"):
+        tqdm.write(f"\n== run {len(records) + 1}/{len(unique)}: {run.key}")
+        records[run.key] = do_run(study_dir, kb, base, run, config, subset_size)
+        tables = build_tables(plan, records, base_scores)
+        subset = {row["label"]: row for row in tables.get("subset", [])}
+        summary = {
+            "settings": {**asdict(config), "quick": quick, "ablations": list(plan)},
+            "seeds": list(range(config.seed, config.seed + seeds)), "depth": _depth(config.model),
+            "base": {"scores": base_scores, "model": str(base)},
+            "tables": tables,
+            "retrieved_vs_random": gain_in_seed_std(subset["retrieved"], subset["random"])
+            if {"retrieved", "random"} <= set(subset) else None,
+            "runs": list(records.values()), "runs_done": len(records), "runs_planned": len(unique),
+            "run_seconds": round(sum(r["seconds"]["train"] + r["seconds"]["eval"] for r in records.values()), 1),
+            "stages": clock.seconds, "seconds": round(time.time() - started, 1), "versions": _versions(),
+        }
+        write_study(study_dir, summary)
+    print(f"\nstudy: {study_dir / 'study.md'} and {study_dir / 'study.json'} "
+          f"({len(records)} runs, {summary['seconds'] / 60:.0f} min)")
+    return summary

@@ -1,0 +1,89 @@
+"""The study: a shrunken run through the real stages on the tiny world, and the seed statistics."""
+
+import json
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import TINY_WORLD
+
+from react_vl.demo import CONTROL_TASKS, TARGET_TASKS, DemoConfig, _cache_key
+from react_vl.study import gain_in_seed_std, mean_std, plan_study, run_study, table_row
+from react_vl.world import MINI_TASKS
+
+# base_* as tests/conftest.py's tiny_trained_model was trained, which the study finds in its base cache
+TINY = DemoConfig(world=TINY_WORLD, model="mini-vit-test", base_steps=40, base_batch=64, base_lr=1e-3, per_class=8,
+                  steps=4, batch=32, precision="fp32", workers=0)
+
+
+def _result(seed, scores, trainable=10):
+    return {"key": f"x_seed{seed}", "seed": seed, "scores": scores, "trainable_params": trainable,
+            "train_pairs": 100, "gates": {}}
+
+
+def test_mean_std_and_rows_on_known_numbers():
+    assert mean_std([1.0, 2.0, 3.0]) == (2.0, 1.0)
+    assert mean_std([4.0, 8.0]) == (6.0, pytest.approx(2 ** 1.5))
+    assert mean_std([5.0]) == (5.0, None)
+
+    base = {t: 50.0 for t in TARGET_TASKS + CONTROL_TASKS}
+    runs = [_result(s, {**{t: 60.0 + 2 * s for t in TARGET_TASKS}, **{t: 49.0 - s for t in CONTROL_TASKS}})
+            for s in range(3)]
+    row = table_row("gated-image", runs, base)
+    assert row["scores"][TARGET_TASKS[0]] == {"mean": 62.0, "std": 2.0, "n": 3}
+    assert row["target_change"] == {"mean": 12.0, "std": 2.0, "n": 3}
+    assert row["control_change"] == {"mean": -2.0, "std": 1.0, "n": 3}
+
+    random_runs = [_result(s, {t: 54.0 + 2 * s for t in TARGET_TASKS + CONTROL_TASKS}) for s in range(3)]
+    gain = gain_in_seed_std(row, table_row("random", random_runs, base))
+    assert gain[TARGET_TASKS[0]] == {"difference": 6.0, "pooled_std": 2.0, "in_std": 3.0}
+
+
+def test_plan_shares_runs_and_refuses_unknown_ablations():
+    plan = plan_study(DemoConfig(), quick=False)
+    keys = {label: run.key for label, run in plan["strategy"]}
+    assert keys["gated-image"] == dict(plan["subset"])["retrieved"].key == dict(plan["mode"])["both"].key
+    assert [label for label, _ in plan["layers"]] == [f"{n} of 6" for n in range(1, 7)]
+    assert len(plan["size"]) == 3 and len(plan_study(DemoConfig(), quick=True)["size"]) == 2
+    with pytest.raises(ValueError, match="unknown ablation"):
+        plan_study(DemoConfig(), ablations=["strategy", "colour"])
+
+
+def test_shrunken_study_end_to_end_and_resumes(tiny_world, tiny_trained_model, tmp_path):
+    out, cache = tmp_path / "study", tmp_path / "cache"
+    shutil.copytree(tiny_world, out / "world")  # the same world config: generate_world keeps it
+    # the session's pretrained tiny base (same model, steps, batch, lr, seed) is the cached base the study reuses
+    base = shutil.copytree(tiny_trained_model.parent, cache / f"base-{_cache_key(TINY)}")
+    (base / "summary.json").write_text(json.dumps({**json.loads((base / "summary.json").read_text()),
+                                                   "cache_key": _cache_key(TINY)}))
+    summary = run_study(out, quick=True, config=TINY, seeds=1, ablations=["subset"], cache_dir=cache)
+
+    saved = json.loads((out / "study.json").read_text())
+    assert saved["runs_done"] == saved["runs_planned"] == 3
+    subset = {row["label"]: row for row in saved["tables"]["subset"]}
+    assert list(subset) == ["base", "retrieved", "random", "oracle"]
+    assert subset["base"]["scores"] == {t: {"mean": v, "std": None, "n": 1} for t, v in saved["base"]["scores"].items()}
+    assert subset["random"]["train_pairs"] == subset["retrieved"]["train_pairs"] > 0
+    assert subset["oracle"]["train_pairs"] == subset["retrieved"]["train_pairs"]
+    oracle = pq.read_table(out / "data" / "oracle-seed0" / "selected" / "retrieved.parquet").column("json").to_pylist()
+    target_styles = {MINI_TASKS[t]["style"] for t in TARGET_TASKS}
+    assert all(json.loads(j)["style"] in target_styles and not json.loads(j)["noisy"] for j in oracle)
+    for row in list(subset.values())[1:]:
+        assert set(row["scores"]) == set(TARGET_TASKS + CONTROL_TASKS)
+        assert all(0 <= s["mean"] <= 100 for s in row["scores"].values())
+    for run in saved["runs"]:  # the default for a 2-layer tower: a gated block on the last layer
+        assert set(run["gates"]) == {"1"} and run["config"]["lr"] == 5e-4 and run["seconds"]["train"] > 0
+    assert saved["retrieved_vs_random"][TARGET_TASKS[0]]["in_std"] is None  # one seed: no spread
+
+    markdown = (out / "study.md").read_text()
+    for text in ("| training set | pairs |", "| oracle |", f"{CONTROL_TASKS[0]} (control)",
+                 "Gate values after training", "n/a (one seed)"):
+        assert text in markdown
+
+    results = sorted((out / "runs").glob("*/result.json"))
+    stamps = [p.stat().st_mtime_ns for p in results]
+    again = run_study(out, quick=True, config=TINY, seeds=1, ablations=["subset"], cache_dir=cache)
+    assert [p.stat().st_mtime_ns for p in results] == stamps  # no run was redone
+    assert again["tables"] == summary["tables"]
+    with pytest.raises(ValueError, match="steps"):
+        run_study(out, quick=True, config=DemoConfig(**{**TINY.__dict__, "steps": 5}), seeds=1, cache_dir=cache)
