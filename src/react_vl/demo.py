@@ -167,7 +167,8 @@ def run_demo(out: str | Path = "react-vl-demo", config: DemoConfig | None = None
     with clock("retrieve", f"retrieve for {', '.join(TARGET_TASKS)} ({config.retrieve_mode})"):
         retrieved = [demo_dir / "retrieved" / name for name in TARGET_TASKS]
         for name, r in zip(TARGET_TASKS, retrieved):
-            retrieve(kb, get_task(name), r, mode=config.retrieve_mode, per_class=config.per_class)
+            retrieve(kb, get_task(name), r, mode=config.retrieve_mode, per_class=config.per_class,
+                     eval_set=demo_dir / "world" / "eval" / name)  # no evaluation image leaks into training
         merged = merge_retrieved(retrieved, demo_dir / "retrieved" / "all")
     with clock("materialize", "write the retrieved pairs as training shards"):
         count = materialize(merged, demo_dir / "shards" / "retrieved")["count"]

@@ -1,0 +1,34 @@
+"""A shrunken demo, end to end through the real stages (tiny world, tiny model, few steps)."""
+
+import json
+import shutil
+
+from conftest import TINY_WORLD
+from react_vl.demo import RANDOM_CONTROL, DemoConfig, pretrain_base, run_demo
+
+
+def test_shrunken_demo_runs_every_stage(tiny_world, tmp_path):
+    shutil.copytree(tiny_world, tmp_path / "world")  # same config: the demo reuses its shards
+    config = DemoConfig(world=TINY_WORLD, model="mini-vit-test", base_steps=8, base_batch=32, per_class=10,
+                        steps=4, batch=32, workers=1)
+    summary = run_demo(tmp_path, config, cache_dir=tmp_path / "cache")
+
+    written = json.loads((tmp_path / "summary.json").read_text())
+    assert written["tasks"] == summary["tasks"]
+    roles = {name: row["role"] for name, row in written["tasks"].items()}
+    assert roles == {"mini-shape-sketch": "target", "mini-color-night": "target", "mini-shape-photo": "control",
+                     "mini-color-photo": "control", "mini-shape-pixel": "control"}
+    for row in written["tasks"].values():
+        assert row["metric"] == "accuracy"
+        for label in ("base", "gated-image", "locked-text", RANDOM_CONTROL):
+            assert 0.0 <= row[label] <= 100.0
+    assert set(written["stages"]) == {"world", "pretrain", "embed", "index", "retrieve", "materialize",
+                                      "customize", "evaluate", "report"}
+    assert 0 < written["retrieved"] <= 2 * 8 * 10  # two target tasks, 8 classes, per_class 10
+    assert (tmp_path / "report.html").stat().st_size > 10_000
+    for run in ("gated-image", "locked-text", "gated-image-random-subset"):
+        assert (tmp_path / "runs" / run / "model.pt").is_file()
+    # another demo folder reuses the cached base model instead of training it again
+    reused = pretrain_base(tmp_path / "second", config, tmp_path / "cache")
+    assert reused.read_bytes() == (tmp_path / "base" / "model.pt").read_bytes()
+    assert not (tmp_path / "second" / "base" / "checkpoints").exists()
