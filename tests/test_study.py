@@ -87,3 +87,17 @@ def test_shrunken_study_end_to_end_and_resumes(tiny_world, tiny_trained_model, t
     assert again["tables"] == summary["tables"]
     with pytest.raises(ValueError, match="steps"):
         run_study(out, quick=True, config=DemoConfig(**{**TINY.__dict__, "steps": 5}), seeds=1, cache_dir=cache)
+
+
+def test_cli_documents_the_time_and_refuses_bad_options(tmp_path):
+    from click.testing import CliRunner
+
+    from react_vl.cli import main
+
+    runner = CliRunner()
+    help_text = runner.invoke(main, ["study", "--help"]).output
+    assert "--quick" in help_text and "1 h 45 min" in help_text and "25 min" in help_text
+    for bad, option in ((["--seeds", "0"], "--seeds"), (["--ablation", "colour"], "--ablation")):
+        result = runner.invoke(main, ["study", "--out", str(tmp_path / "s"), *bad])
+        assert result.exit_code == 2 and option in result.output
+    assert not (tmp_path / "s").exists()

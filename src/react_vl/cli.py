@@ -313,7 +313,7 @@ def demo(out, seed, base_steps, steps, no_random_control, cache_dir, workers):
 @click.option("--out", default="react-vl-study", type=click.Path(file_okay=False),
               help="Study folder: world, base, KB, data/, runs/<key>/, study.json, study.md. Rerun to resume.")
 @click.option("--quick", is_flag=True, help="Fewer points on the size, layer and mixing curves, and 1 seed.")
-@click.option("--seeds", default=None, type=int,
+@click.option("--seeds", default=None, type=click.IntRange(min=1),
               help="Customization seeds per ablation point (mean ± std over them) [default: 3, 1 with --quick].")
 @click.option("--ablation", "ablations", multiple=True, type=click.Choice(["strategy", "subset", "mode", "size",
                                                                           "layers", "forgetting"]),
@@ -333,7 +333,7 @@ def study(out, quick, seeds, ablations):
     """
     from .study import ABLATIONS, run_study
 
-    run_study(out, quick=quick, seeds=seeds or (1 if quick else 3), ablations=ablations or ABLATIONS)
+    run_study(out, quick=quick, seeds=seeds if seeds is not None else 1 if quick else 3, ablations=ablations or ABLATIONS)
 
 
 # --- report ------------------------------------------------------------------------------------
