@@ -38,17 +38,18 @@ print(json.dumps({"build_s": time.time() - start, **infos}))
 """
 
 
-def clustered(n, dim, rng, n_clusters=1000, chunk=100_000):
-    """Normalised vectors around random centres (CLIP embeddings are clustered too), made in chunks."""
-    centres = rng.standard_normal((n_clusters, dim)).astype(np.float32)
+def clustered(n, centres, rng, chunk=100_000):
+    """Normalised vectors around the given centres (CLIP embeddings are clustered too), made in chunks."""
+    n_clusters, dim = centres.shape
     for lo in range(0, n, chunk):
         size = min(chunk, n - lo)
         x = centres[rng.integers(n_clusters, size=size)] + 0.8 * rng.standard_normal((size, dim), dtype=np.float32)
         yield x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def make_kb(path, n, dim, rng):
-    for part, vectors in enumerate(clustered(n, dim, rng)):
+def make_kb(path, n, centres, rng):
+    dim = centres.shape[1]
+    for part, vectors in enumerate(clustered(n, centres, rng)):
         meta = pa.table({"caption": [""] * len(vectors), "id": make_ids(part, len(vectors))})
         write_part(path, part, vectors, vectors, meta)
     write_info(path, model="synthetic", pretrained=None, dim=dim, dtype="float32", count=n)
@@ -77,8 +78,9 @@ def main():
     rng = np.random.default_rng(0)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        kb = make_kb(Path(tmp) / "kb", args.n, args.dim, rng)
-        queries = next(clustered(args.queries, args.dim, np.random.default_rng(1)))
+        centres = rng.standard_normal((1000, args.dim)).astype(np.float32)
+        kb = make_kb(Path(tmp) / "kb", args.n, centres, rng)
+        queries = next(clustered(args.queries, centres, rng))  # fresh vectors from the same distribution
         database = kb.image_embeddings()
         _, truth = knn_ground_truth(queries, (database[lo:lo + 100_000] for lo in range(0, args.n, 100_000)), 10,
                                     faiss.METRIC_INNER_PRODUCT)
