@@ -206,7 +206,7 @@ def materialize(retrieved, out, kb, maxcount, no_download):
               "of the steps.")
 @click.option("--grad-clip", type=float, default=1.0, help="Gradient-norm clip; 0 turns it off.")
 @click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-              help="Autocast precision; auto = bf16 (fp16 on GPUs without bf16).")
+              help="Autocast precision; auto = bf16 (fp16 on GPUs without bf16; fp32 on CPUs without native bf16).")
 @click.option("--augment/--no-augment", default=False, help="The paper's augmentation (RandAugment, random "
               "resized crop 0.08-1, colour jitter 0.4, random erasing 0.25).")
 @click.option("--train-logit-scale/--freeze-logit-scale", default=True, help="Train the temperature (the public "
@@ -283,7 +283,7 @@ def evaluate(model_args, model_options, task_names, data, retrieval, probe_shots
 @click.option("--out", default="react-vl-demo", type=click.Path(file_okay=False),
               help="Demo folder: world/, base/, kb/, retrieved/, shards/, runs/, eval/, summary.json, report.html.")
 @click.option("--seed", default=0, type=int, help="Seed of the world, the base model and the customization runs.")
-@click.option("--base-steps", default=None, type=int, help="Pretraining steps of the base model [default: 1500].")
+@click.option("--base-steps", default=None, type=int, help="Pretraining steps of the base model [default: 1000].")
 @click.option("--steps", default=None, type=int, help="Customization steps per strategy [default: 300].")
 @click.option("--no-random-control", is_flag=True,
               help="Skip the control run on a random knowledge-base subset of the retrieved size.")

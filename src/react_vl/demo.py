@@ -37,7 +37,7 @@ class DemoConfig:
     model: str = "mini-vit"
     seed: int = 0
     # base pretraining: strategy `full` from random initialisation on the pretraining corpus
-    base_steps: int = 1500
+    base_steps: int = 1000
     base_batch: int = 128
     base_lr: float = 5e-4
     # retrieval: class-name prompts of every target task, both modes
@@ -53,7 +53,9 @@ class DemoConfig:
 
 
 def _cache_key(config: DemoConfig) -> str:
-    record = {"world": asdict(config.world), "model": config.model, "seed": config.seed,
+    import open_clip
+
+    record = {"world": asdict(config.world), "model": open_clip.get_model_config(config.model), "seed": config.seed,
               "steps": config.base_steps, "batch": config.base_batch, "lr": config.base_lr}
     record["world"].pop("workers")
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
