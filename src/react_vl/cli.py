@@ -284,7 +284,7 @@ def evaluate(model_args, model_options, task_names, data, retrieval, probe_shots
               help="Demo folder: world/, base/, kb/, retrieved/, shards/, runs/, eval/, summary.json, report.html.")
 @click.option("--seed", default=0, type=int, help="Seed of the world, the base model and the customization runs.")
 @click.option("--base-steps", default=None, type=int, help="Pretraining steps of the base model [default: 1000].")
-@click.option("--steps", default=None, type=int, help="Customization steps per strategy [default: 300].")
+@click.option("--steps", default=None, type=int, help="Customization steps per strategy [default: 150].")
 @click.option("--no-random-control", is_flag=True,
               help="Skip the control run on a random knowledge-base subset of the retrieved size.")
 @click.option("--cache-dir", default="~/.cache/react-vl", help="Where trained base models are kept for reuse; "

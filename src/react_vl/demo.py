@@ -45,7 +45,7 @@ class DemoConfig:
     per_class: int = 400
     # customization: strategy -> learning rate (the paper's values)
     strategies: dict = field(default_factory=lambda: {"gated-image": 5e-4, "locked-text": 5e-5})
-    steps: int = 300
+    steps: int = 150
     batch: int = 128
     random_control: bool = True
     precision: str = "auto"
