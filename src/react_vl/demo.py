@@ -142,10 +142,15 @@ def random_subset(kb_dir: Path, size: int, seed: int, out: Path) -> Path:
     metadata = KnowledgeBase(kb_dir).metadata()
     rng = np.random.default_rng(seed)
     picked = metadata.take(np.sort(rng.choice(metadata.num_rows, size=min(size, metadata.num_rows), replace=False)))
-    picked = picked.append_column("score", pa.array(np.zeros(picked.num_rows, dtype=np.float32)))
-    picked = picked.append_column("classes", pa.array([["random"]] * picked.num_rows, pa.list_(pa.string())))
+    return write_subset(picked, [["random"]] * picked.num_rows, 0.0, out)
+
+
+def write_subset(rows: pa.Table, classes: list[list[str]], score: float, out: Path) -> Path:
+    """A drawn (not retrieved) subset of KB rows, in the retrieved-set format materialize reads."""
+    rows = rows.append_column("score", pa.array(np.full(rows.num_rows, score, dtype=np.float32)))
+    rows = rows.append_column("classes", pa.array(classes, pa.list_(pa.string())))
     out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(picked, out / "retrieved.parquet")
+    pq.write_table(rows, out / "retrieved.parquet")
     return out
 
 

@@ -38,8 +38,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from .demo import (
@@ -51,6 +49,7 @@ from .demo import (
     merge_retrieved,
     prepare,
     random_subset,
+    write_subset,
 )
 from .strategies import GATED_STRATEGIES
 from .utils import atomic_path, read_json, write_json
@@ -145,12 +144,7 @@ def oracle_subset(kb_dir: Path, size: int, seed: int, out: Path) -> Path:
         chosen = rng.choice(rows, size=min(share, len(rows)), replace=False) if rows else []
         picked += [int(r) for r in chosen]
         classes += [[truth[r][spec["attribute"]]] for r in chosen]
-    table = metadata.take(picked)
-    table = table.append_column("score", pa.array(np.ones(len(picked), dtype=np.float32)))
-    table = table.append_column("classes", pa.array(classes, pa.list_(pa.string())))
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, out / "retrieved.parquet")
-    return out
+    return write_subset(metadata.take(picked), classes, 1.0, out)
 
 
 def training_set(study_dir: Path, kb: Path, run: Run, subset_size: Callable[[], int] | None) -> tuple[Path, int]:
