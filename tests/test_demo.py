@@ -26,6 +26,15 @@ def test_shrunken_demo_runs_every_stage(tiny_world, tmp_path):
                                       "customize", "evaluate", "report"}
     assert 0 < written["retrieved"] <= 2 * 8 * 10  # two target tasks, 8 classes, per_class 10
     assert (tmp_path / "report.html").stat().st_size > 10_000
+    # what the training sets truly hold, from the world's ground truth: retrieval beats the random draw
+    truth = written["ground_truth"]
+    assert truth["retrieved"]["pairs"] == truth["random"]["pairs"] == written["retrieved"]
+    for task in ("mini-shape-sketch", "mini-color-night"):
+        assert truth["random"][task]["selected_for_task"] == 0  # random pairs are selected for no class
+        assert 0 < truth["retrieved"][task]["selected_for_task"] <= written["retrieved"]
+        assert 0 <= truth["retrieved"][task]["class_precision"] <= 1
+    assert sum(truth["retrieved"][t]["style_share"] for t in ("mini-shape-sketch", "mini-color-night")) > \
+        sum(truth["random"][t]["style_share"] for t in ("mini-shape-sketch", "mini-color-night"))
     for run in ("gated-image", "locked-text", "gated-image-random-subset"):
         assert (tmp_path / "runs" / run / "model.pt").is_file()
     # another demo folder reuses the cached base model instead of training it again

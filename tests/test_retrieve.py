@@ -11,7 +11,7 @@ from test_index import make_kb
 from react_vl.cli import main
 from react_vl.index import build_indexes
 from react_vl.kb import KnowledgeBase
-from react_vl.retrieve import encode_queries, retrieve
+from react_vl.retrieve import cap_per_class, encode_queries, retrieve
 from react_vl.tasks import Task
 
 TASK = Task("planted-shapes", ["circle", "square", "star"], ["a photo of a {}.", "a drawing of a {}."])
@@ -104,6 +104,17 @@ def test_per_class_keeps_each_class_best(planted, tmp_path):
         assert len(mine) == 10 and all(r["caption"].startswith(name) for r in mine)
 
 
+def test_per_class_takes_both_modes_in_turn():
+    """t2t scores (text-text cosines) run far above t2i ones; a class's quota must still hold both modes' best."""
+    import pyarrow as pa
+    hits = pa.table({"query": [0] * 8, "id": [1, 2, 3, 4, 5, 6, 7, 8],
+                     "score": [0.99, 0.98, 0.97, 0.96, 0.31, 0.30, 0.29, 0.28],
+                     "mode": ["t2t"] * 4 + ["t2i"] * 4, "class": [0] * 8})
+    pairs = pa.table({"id": list(range(1, 9)), "class_distinct": [[0]] * 8})
+    kept, rows = cap_per_class(pairs, np.arange(8), hits, per_class=4)
+    assert sorted(kept.column("id").to_pylist()) == [1, 2, 5, 6] and sorted(rows.tolist()) == [0, 1, 4, 5]
+
+
 def test_other_model_or_dimension_is_refused(planted, tmp_path):
     kb, img = planted
     with pytest.raises(ValueError, match="differs from the model that embedded"):
@@ -143,3 +154,34 @@ def test_mini_world_embed_index_retrieve(tiny_world, tmp_path):
     assert 0 < len(rows) == summary["retrieved"] <= 20 * len(summary["per_class_counts"])
     assert all(meta[r["id"]]["key"] == r["key"] and (tiny_world / "kb").as_posix() in r["shard"] for r in rows)
     assert set(summary["removed"]) == {"eval_overlap", "near_duplicate"}
+
+
+# --- on the mini world, with a trained model: precision against the world's ground truth ------------
+@pytest.fixture(scope="module")
+def trained_kb(tiny_world, tiny_trained_model, tmp_path_factory):
+    from react_vl.embed import embed_corpus
+    kb = tmp_path_factory.mktemp("trained_kb")
+    embed_corpus(str(tiny_world / "kb"), None, str(tiny_trained_model), kb, batch_size=256, workers=0, progress=False)
+    build_indexes(kb, n_queries=100)
+    return kb
+
+
+def _truth(row) -> dict:
+    return json.loads(row["json"])
+
+
+@pytest.mark.parametrize("mode", ["t2t", "t2i", "both"])
+def test_retrieval_precision_against_ground_truth(trained_kb, tmp_path, mode):
+    """Retrieved pairs show the class they were retrieved for, in the task's style, far more often
+    than a random KB pair does (the tiny model knows colours, not yet shapes: see conftest)."""
+    summary = retrieve(trained_kb, "mini-color-night", tmp_path, mode=mode, per_class=15, dedup_threshold=None)
+    rows = _read(tmp_path)
+    kb_rows = KnowledgeBase(trained_kb).metadata().to_pylist()
+    night_share = np.mean([_truth(r)["style"] == "night" for r in kb_rows])
+    class_precision = np.mean([_truth(r)["color"] in r["classes"] for r in rows])
+    night_precision = np.mean([_truth(r)["style"] == "night" for r in rows])
+    print(f"{mode}: {len(rows)} pairs, class precision {class_precision:.2f} (chance 0.125), "
+          f"night {night_precision:.2f} (KB share {night_share:.2f})")
+    assert summary["retrieved"] == len(rows) >= 60
+    assert class_precision >= 0.3
+    assert night_precision >= 3 * night_share

@@ -32,7 +32,7 @@ def main():
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the world into (WORLD/).")
 @click.option("--seed", default=0, help="World seed: same seed, byte-identical shards.")
 @click.option("--pretrain-size", default=100_000, help="Pairs in the pretraining corpus (photo-dominated).")
-@click.option("--kb-size", default=200_000, help="Pairs in the knowledge-base corpus (every style, rare ones a few percent).")
+@click.option("--kb-size", default=100_000, help="Pairs in the knowledge-base corpus (every style, rare ones a few percent).")
 @click.option("--eval-size", default=1_000, help="Evaluation images per task, classes balanced.")
 @click.option("--noise-rate", default=0.10, help="Share of corpus captions that are mismatched or irrelevant junk.")
 @click.option("--shard-size", default=5_000, help="Pairs per webdataset shard.")

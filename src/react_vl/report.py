@@ -117,6 +117,9 @@ def _results_section(summary: dict) -> str:
     body = _table(header, rows)
     if summary.get("controls"):
         body += "<h3>Controls</h3>" + _stats_html(summary["controls"], counts_as_shares=False)
+    if summary.get("ground_truth"):
+        body += ("<h3>What the training sets hold (mini-world ground truth, never seen by retrieval)</h3>"
+                 + _stats_html(summary["ground_truth"], counts_as_shares=False))
     if summary.get("stages"):
         stages = summary["stages"]
         stage_rows = [("", [_esc(name), _num(seconds)]) for name, seconds in stages.items()]

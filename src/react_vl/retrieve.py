@@ -8,7 +8,8 @@ image index (t2i) or both; hits are merged by id, remembering which classes, que
 found each pair and their best scores. Then, each counted in R/summary.json: pairs whose image
 and caption disagree (CLIP score below a threshold) and near-duplicates of evaluation images
 are removed, near-duplicate images among the results keep only their best-scored copy, and
-`per_class` keeps each class's best pairs. R/retrieved.parquet holds the result with the KB
+`per_class` keeps each class's best pairs (t2t and t2i hits taken in turn by rank, as their
+scores are not comparable). R/retrieved.parquet holds the result with the KB
 metadata columns (id, key, caption, shard, ...), which the materialize stage reads.
 """
 
@@ -193,14 +194,27 @@ def retrieve(kb_path: str | Path, task: str | Task, out: str | Path, mode: str =
 
 
 def cap_per_class(pairs: pa.Table, rows: np.ndarray, hits: pa.Table, per_class: int):
-    """Keep, for each class, its `per_class` best pairs; a pair stays listed only under classes that kept it."""
-    kept_ids = pa.array(pairs.column("id"))
-    class_scores = (hits.filter(pc.is_in(hits.column("id"), kept_ids))
-                    .group_by(["class", "id"]).aggregate([("score", "max")])
-                    .sort_by([("class", "ascending"), ("score_max", "descending")]))
-    klass = class_scores.column("class").to_numpy()
-    rank = np.arange(len(klass)) - np.searchsorted(klass, klass)  # position within its class
-    top = class_scores.filter(pa.array(rank < per_class))
+    """Keep, for each class, its `per_class` best pairs; a pair stays listed only under classes that kept it.
+
+    With both modes, each mode's hits are taken in turn by rank (1st t2t, 1st t2i, 2nd t2t, ...):
+    their scores are not comparable, text-text cosines run far above image-text ones, so sorting
+    by score would fill every class from t2t alone.
+    """
+    best = (hits.filter(pc.is_in(hits.column("id"), pa.array(pairs.column("id"))))
+            .group_by(["class", "mode", "id"]).aggregate([("score", "max")]))
+    klass, ids = best.column("class").to_numpy(), best.column("id").to_numpy()
+    mode = np.array([list(MODES).index(m) for m in best.column("mode").to_pylist()])
+    order = np.lexsort((-best.column("score_max").to_numpy(), mode, klass))
+    group = (klass * len(MODES) + mode)[order]
+    rank = np.empty(len(order), dtype=np.int64)
+    rank[order] = np.arange(len(order)) - np.searchsorted(group, group)  # rank within (class, mode)
+    order = np.lexsort((mode, rank, klass))  # per class: rank 0 of each mode, then rank 1, ...
+    klass, ids = klass[order], ids[order]
+    _, first = np.unique(np.stack([klass, ids]), axis=1, return_index=True)  # a pair once per class
+    first = np.sort(first)
+    klass, ids = klass[first], ids[first]
+    position = np.arange(len(klass)) - np.searchsorted(klass, klass)
+    top = pa.table({"class": klass[position < per_class], "id": ids[position < per_class]})
     classes = top.group_by("id").aggregate([("class", "distinct")])
     kept = pc.is_in(pairs.column("id"), classes.column("id")).to_numpy(zero_copy_only=False)
     pairs, rows = pairs.filter(pa.array(kept)), rows[kept]

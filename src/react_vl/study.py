@@ -46,9 +46,9 @@ from .demo import (
     DemoConfig,
     StageClock,
     _versions,
-    merge_retrieved,
     prepare,
     random_subset,
+    retrieve_targets,
     write_subset,
 )
 from .strategies import GATED_STRATEGIES
@@ -147,12 +147,11 @@ def oracle_subset(kb_dir: Path, size: int, seed: int, out: Path) -> Path:
     return write_subset(metadata.take(picked), classes, 1.0, out)
 
 
-def training_set(study_dir: Path, kb: Path, run: Run, subset_size: Callable[[], int] | None) -> tuple[Path, int]:
+def training_set(study_dir: Path, kb: Path, run: Run, config: DemoConfig,
+                 subset_size: Callable[[], int] | None) -> tuple[Path, int]:
     """The shards `run` trains on, made (retrieve or draw, then materialize) the first time asked.
     `subset_size` gives the random and oracle subsets their size: the default retrieved set's."""
     from .materialize import materialize
-    from .retrieve import retrieve
-    from .tasks import get_task
 
     if run.data == "retrieved":
         folder = study_dir / "data" / f"retrieved-{run.mode}-{run.per_class}"
@@ -161,10 +160,7 @@ def training_set(study_dir: Path, kb: Path, run: Run, subset_size: Callable[[], 
     done = folder / "shards" / "summary.json"
     if not done.is_file():
         if run.data == "retrieved":
-            parts = [folder / name for name in TARGET_TASKS]
-            for name, part in zip(TARGET_TASKS, parts):
-                retrieve(kb, get_task(name), part, mode=run.mode, per_class=run.per_class)
-            selected = merge_retrieved(parts, folder / "all")
+            selected = retrieve_targets(kb, study_dir / "world", folder, run.mode, run.per_class, config)
         else:
             draw = random_subset if run.data == "random" else oracle_subset
             selected = draw(kb, subset_size(), run.seed, folder / "selected")
@@ -190,7 +186,7 @@ def do_run(study_dir: Path, kb: Path, base: Path, run: Run, config: DemoConfig,
     run_dir = study_dir / "runs" / run.key
     if (run_dir / "result.json").is_file():
         return read_json(run_dir / "result.json")
-    shards, pairs = training_set(study_dir, kb, run, subset_size)
+    shards, pairs = training_set(study_dir, kb, run, config, subset_size)
     resume = "latest" if any((run_dir / "checkpoints").glob("step_*.pt")) else None
     summary = train(str(shards), None, str(base), run_dir, strategy=run.strategy, steps=run.steps,
                     batch_size=config.batch, precision=config.precision, seed=run.seed, workers=config.workers,
@@ -374,7 +370,7 @@ def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: D
     default_retrieved = Run(mode=config.retrieve_mode, per_class=config.per_class)
 
     def subset_size() -> int:  # random and oracle subsets: as many pairs as the default retrieved set
-        return training_set(study_dir, kb, default_retrieved, None)[1]
+        return training_set(study_dir, kb, default_retrieved, config, None)[1]
 
     unique = {}
     for seed in range(config.seed, config.seed + seeds):
