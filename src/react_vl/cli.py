@@ -327,9 +327,9 @@ def study(out, quick, seeds, ablations):
     The world, base model (shared with `react-vl demo` through its cache), KB and retrieval are
     made once; seeds vary the customization. A killed study resumes: finished runs are kept.
 
-    Time on 2 CPU cores (estimated from per-step rates, see study.py's docstring): the full
-    study (3 seeds, 19 runs per seed) about 1 h 45 min from scratch; --quick (1 seed,
-    14 runs) about 25 min when the demo's base model is cached, 35 min otherwise.
+    Time on 2 CPU cores, measured: --quick --seeds 3 (42 runs) took 85 min with the demo's
+    base model cached (about 2 min a run, plus 4 min to embed the KB); --quick (1 seed, 14
+    runs) about 30 min; the full study (19 runs a seed, 3 seeds) about 2 h.
     """
     from .study import ABLATIONS, run_study
 

@@ -22,12 +22,11 @@ killed study continues where it stopped, and a run several ablations share (the 
 gated-image run is in most) is trained once. Runs go seed by seed, and STUDY/study.json (every
 run) and STUDY/study.md (tables, mean ± std over seeds) are rewritten after each run.
 
-Time on 2 CPU cores, estimated (not measured end to end: see the report of issue 6) from the
-per-step rates in ../shared/MINI-WORLD.md (mini-vit, batch 128, bf16): preparation ~14 min from
-scratch (world 1.5, base 10 unless the demo's cached base is reused, KB 2); a 300-step run
-~1 min for gated strategies and ~2 min for those tuning a whole tower, plus ~10 s evaluation;
-the full study is 19 distinct runs per seed (~27 min), so ~1 h 45 min for 3 seeds; `quick`
-is 14 runs and 1 seed, ~25 min with a cached base. Every run's seconds are in study.json.
+Time on 2 CPU cores, measured (this CPU has no native bf16, so training runs in fp32): with
+the demo's base model cached, `--quick --seeds 3` (42 runs of 150 steps) took 85 min, about
+2 min a run (gated strategies ~1.5, whole-tower ones ~2.5, each with ~15 s of evaluation), plus
+4 min to embed the KB. So `--quick` (14 runs) is ~30 min and the full study ~2 h. Every run's
+seconds are in study.json.
 """
 
 import dataclasses
