@@ -174,14 +174,15 @@ def _truth(row) -> dict:
 def test_retrieval_precision_against_ground_truth(trained_kb, tmp_path, mode):
     """Retrieved pairs show the class they were retrieved for, in the task's style, far more often
     than a random KB pair does (the tiny model knows colours, not yet shapes: see conftest)."""
+    from react_vl.demo import ground_truth
     summary = retrieve(trained_kb, "mini-color-night", tmp_path, mode=mode, per_class=15, dedup_threshold=None)
-    rows = _read(tmp_path)
     kb_rows = KnowledgeBase(trained_kb).metadata().to_pylist()
     night_share = np.mean([_truth(r)["style"] == "night" for r in kb_rows])
-    class_precision = np.mean([_truth(r)["color"] in r["classes"] for r in rows])
-    night_precision = np.mean([_truth(r)["style"] == "night" for r in rows])
-    print(f"{mode}: {len(rows)} pairs, class precision {class_precision:.2f} (chance 0.125), "
+    truth = ground_truth(tmp_path)
+    class_precision = truth["mini-color-night"]["class_precision"]
+    night_precision = truth["mini-color-night"]["style_share"]
+    print(f"{mode}: {truth['pairs']} pairs, class precision {class_precision:.2f} (chance 0.125), "
           f"night {night_precision:.2f} (KB share {night_share:.2f})")
-    assert summary["retrieved"] == len(rows) >= 60
+    assert summary["retrieved"] == truth["pairs"] >= 60
     assert class_precision >= 0.3
     assert night_precision >= 3 * night_share

@@ -203,7 +203,7 @@ def cap_per_class(pairs: pa.Table, rows: np.ndarray, hits: pa.Table, per_class: 
     best = (hits.filter(pc.is_in(hits.column("id"), pa.array(pairs.column("id"))))
             .group_by(["class", "mode", "id"]).aggregate([("score", "max")]))
     klass, ids = best.column("class").to_numpy(), best.column("id").to_numpy()
-    mode = np.array([list(MODES).index(m) for m in best.column("mode").to_pylist()])
+    mode = pc.index_in(best.column("mode"), pa.array(list(MODES))).to_numpy()
     order = np.lexsort((-best.column("score_max").to_numpy(), mode, klass))
     group = (klass * len(MODES) + mode)[order]
     rank = np.empty(len(order), dtype=np.int64)
