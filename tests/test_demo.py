@@ -7,7 +7,7 @@ from conftest import TINY_WORLD
 from react_vl.demo import RANDOM_CONTROL, DemoConfig, pretrain_base, run_demo
 
 
-def test_shrunken_demo_runs_every_stage(tiny_world, tmp_path):
+def test_shrunken_demo_runs_every_stage(tiny_world, tmp_path, capsys):
     shutil.copytree(tiny_world, tmp_path / "world")  # same config: the demo reuses its shards
     config = DemoConfig(world=TINY_WORLD, model="mini-vit-test", base_steps=8, base_batch=32, per_class=10,
                         steps=4, batch=32, workers=1)
@@ -35,6 +35,14 @@ def test_shrunken_demo_runs_every_stage(tiny_world, tmp_path):
         assert 0 <= truth["retrieved"][task]["class_precision"] <= 1
     assert sum(truth["retrieved"][t]["style_share"] for t in ("mini-shape-sketch", "mini-color-night")) > \
         sum(truth["random"][t]["style_share"] for t in ("mini-shape-sketch", "mini-color-night"))
+    # the text-tower check: printed for the targets before customizing, recorded for every model
+    printed = capsys.readouterr().out
+    assert all(f"{task}: mean cosine between class prompts" in printed for task in ("mini-shape-sketch", "mini-color-night"))
+    cosines = written["class_prompt_cosine"]
+    assert set(cosines) == set(roles)
+    assert all(-1 <= value <= 1 for by_model in cosines.values() for value in by_model.values())
+    for task in roles:  # gated-image leaves the text tower as it was: same class embeddings as the base
+        assert cosines[task]["gated-image"] == cosines[task]["base"]
     for run in ("gated-image", "locked-text", "gated-image-random-subset"):
         assert (tmp_path / "runs" / run / "model.pt").is_file()
     # another demo folder reuses the cached base model instead of training it again

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from react_vl.cli import main
-from react_vl.evaluate import (evaluate, extract_features, image_text_retrieval, open_eval_data,
-                               parse_model_spec, text_classifier, zero_shot)
+from react_vl.evaluate import (class_prompt_cosine, evaluate, extract_features, image_text_retrieval,
+                               open_eval_data, parse_model_spec, text_classifier, zero_shot)
 from react_vl.models import load_model, save_model
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -85,11 +85,19 @@ def test_oracle_scores_perfectly_on_shards_read_by_two_workers(tmp_path):
     assert report["score"] == 1.0 and report["top1"] == 1.0
     assert report["confusion_matrix"] == [[5, 0, 0], [0, 5, 0], [0, 0, 5]]
     assert set(report["per_class_accuracy"].values()) == {1.0}
+    assert report["class_prompt_cosine"] == 0.0  # one-hot class embeddings: orthogonal
     recall = image_text_retrieval(OracleModel(), oracle_tokenizer, features, "cpu")
     # the oracle sees colours only: the 5 images (and captions) of a colour tie, so R@1 is down to tie-breaking
     # but R@5 finds every image's own caption and every caption's own image
     assert recall["image_to_text_R@5"] == 1.0 and recall["text_to_image_R@5"] == 1.0
     assert recall["captions"] == 15
+
+
+def test_class_prompt_cosine_is_the_mean_over_distinct_class_pairs():
+    collapsed = torch.nn.functional.normalize(torch.ones(4, 3), dim=0)
+    assert class_prompt_cosine(collapsed) == pytest.approx(1.0)
+    # columns e0, e0, e1: pair cosines 1, 0, 0
+    assert class_prompt_cosine(torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])) == pytest.approx(1 / 3)
 
 
 def test_corrupt_samples_and_shards_are_skipped_and_counted(tmp_path):

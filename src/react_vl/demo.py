@@ -28,6 +28,8 @@ from .world import ATTRIBUTE_CLASSES, MINI_TASKS, WorldConfig
 TARGET_TASKS = [name for name, spec in MINI_TASKS.items() if spec["role"] == "target"]
 CONTROL_TASKS = [name for name, spec in MINI_TASKS.items() if spec["role"] == "control"]
 RANDOM_CONTROL = "gated-image (random subset)"
+# Above this mean class-prompt cosine the base's text tower does not tell a task's classes apart.
+COLLAPSED_CLASS_PROMPTS = 0.9
 
 
 @dataclass
@@ -140,6 +142,25 @@ def retrieve_targets(kb: Path, world: Path, out: Path, mode: str, per_class: int
     return merge_retrieved(parts, out / "all")
 
 
+def check_class_prompts(base: Path) -> dict:
+    """Mean cosine between the class embeddings of each target task under the base's text tower.
+    REACT presumes a text tower that already tells the classes apart: with it locked, collapsed
+    class prompts give customization no distinct targets, so say so before spending the time."""
+    from .evaluate import class_prompt_cosine, text_classifier
+    from .models import load_model
+    from .tasks import get_task
+
+    model, _, tokenizer = load_model(None, str(base))
+    cosines = {name: round(class_prompt_cosine(text_classifier(model, tokenizer, get_task(name), "cpu")), 4)
+               for name in TARGET_TASKS}
+    for name, cosine in cosines.items():
+        collapsed = cosine > COLLAPSED_CLASS_PROMPTS
+        print(f"{'WARNING: ' if collapsed else ''}{name}: mean cosine between class prompts {cosine:.3f}"
+              + (" - the base's text tower does not tell these classes apart, so customizing with it locked "
+                 "has no distinct targets; a longer base (--base-steps) is the fix" if collapsed else ""))
+    return cosines
+
+
 def ground_truth(selected: Path) -> dict:
     """What a training set truly holds, from the mini world's metadata that retrieval never sees:
     per target task, the share of pairs in its style, and of the pairs selected for one of its
@@ -211,6 +232,7 @@ def run_demo(out: str | Path = "react-vl-demo", config: DemoConfig | None = None
     started = time.time()
 
     base, kb = prepare(demo_dir, config, cache_dir, clock)
+    check_class_prompts(base)
     with clock("retrieve", f"retrieve for {', '.join(TARGET_TASKS)} ({config.retrieve_mode})"):
         merged = retrieve_targets(kb, demo_dir / "world", demo_dir / "retrieved", config.retrieve_mode,
                                   config.per_class, config)
@@ -241,6 +263,8 @@ def run_demo(out: str | Path = "react-vl-demo", config: DemoConfig | None = None
                   for name in TARGET_TASKS + CONTROL_TASKS},
         "stages": clock.seconds,
         "retrieved": count,
+        "class_prompt_cosine": {name: {label: round(result["class_prompt_cosine"], 4) for label, result in by_model.items()}
+                                for name, by_model in results["zero_shot"].items()},
         "ground_truth": {"retrieved": ground_truth(merged),
                          **({"random": ground_truth(demo_dir / "retrieved" / "random")} if config.random_control else {})},
         "settings": {**asdict(config), "out": str(demo_dir)},

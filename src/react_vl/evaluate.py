@@ -25,7 +25,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -312,11 +311,23 @@ def text_classifier(model, tokenizer, task, device) -> torch.Tensor:
                                                     device=device).float().cpu()
 
 
+def class_prompt_cosine(classifier: torch.Tensor) -> float:
+    """Mean cosine between the class embeddings (the classifier's columns). Near 1, the text
+    tower does not tell the classes apart, and customizing with it locked has no distinct targets
+    to move the images towards (MINI-WORLD.md, failure 1): check it before customizing."""
+    count = classifier.shape[1]
+    if count < 2:
+        return 0.0
+    similarity = classifier.T @ classifier
+    return float((similarity.sum() - similarity.diagonal().sum()) / (count * count - count))
+
+
 def zero_shot(model, classifier: torch.Tensor, task, features: Features) -> dict:
     """Logits of every image against the text classifier, scored with the task's own metric."""
     check_labels(features, task)
     logits = model.logit_scale.exp().detach().float().cpu() * features.image @ classifier
-    return metrics.classification_report(logits, features.labels, task.metric, list(task.classnames))
+    return {**metrics.classification_report(logits, features.labels, task.metric, list(task.classnames)),
+            "class_prompt_cosine": class_prompt_cosine(classifier)}
 
 
 def check_labels(features: Features, task) -> None:

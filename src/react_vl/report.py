@@ -117,6 +117,10 @@ def _results_section(summary: dict) -> str:
     body = _table(header, rows)
     if summary.get("controls"):
         body += "<h3>Controls</h3>" + _stats_html(summary["controls"], counts_as_shares=False)
+    if summary.get("class_prompt_cosine"):
+        body += ("<h3>Mean cosine between class prompts (near 1: the text tower does not tell the classes "
+                 "apart, and a locked text tower gives customization nothing to aim at)</h3>"
+                 + _stats_html(summary["class_prompt_cosine"], counts_as_shares=False))
     if summary.get("ground_truth"):
         body += ("<h3>What the training sets hold (mini-world ground truth, never seen by retrieval)</h3>"
                  + _stats_html(summary["ground_truth"], counts_as_shares=False))
