@@ -1,6 +1,6 @@
 """Index benchmark: react-vl's index choice and tuning vs autofaiss's, on the same vectors and memory budget.
 
-    nice -n 10 python benchmarks/bench_index.py                      # 1M x 512, budgets 4GB and 2GB
+    nice -n 10 python benchmarks/bench_index.py                      # 1M x 512, budgets 2GB and 1GB
     nice -n 10 python benchmarks/bench_index.py --n 100000 --budgets 400MB,210MB
 
 Synthetic clustered, L2-normalised 512-d vectors are written as a KB; react-vl's `build_index`
@@ -71,7 +71,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=1_000_000, help="vectors in the synthetic KB")
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--budgets", default="4GB,2GB", help="comma-separated memory budgets")
+    parser.add_argument("--budgets", default="2GB,1GB", help="comma-separated memory budgets (at 1M x 512, "
+                        "2GB fits an HNSW graph and 1GB forces OPQ + IVF + PQ)")
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--autofaiss-python", default="/work/venv-autofaiss/bin/python")
     args = parser.parse_args()
@@ -85,11 +86,16 @@ def main():
         _, truth = knn_ground_truth(queries, (database[lo:lo + 100_000] for lo in range(0, args.n, 100_000)), 10,
                                     faiss.METRIC_INNER_PRODUCT)
         truth_ids = kb.ids()[truth]
+        print(f"\n{args.n} x {args.dim} clustered vectors, {args.queries} queries, recall@10 vs exact, "
+              f"{faiss.omp_get_max_threads()} threads")
+        print(f"{'who':10s} {'budget':>7s} {'factory':34s} {'params':32s} {'recall@10':>9s} {'ms/query':>9s} "
+              f"{'build s':>8s} {'MiB':>7s}", flush=True)
         for budget in args.budgets.split(","):
             infos = build_index(kb, "image", memory_budget=budget, target_recall=0.95, k=10)
             recall, latency = measure(load_index(kb, "image"), queries, truth_ids)
             rows.append(("react-vl", budget, infos["factory"], infos["params"], recall, latency, infos["build_s"],
                          infos["size_bytes"]))
+            print_row(*rows[-1])
 
             af_index = Path(tmp) / "autofaiss.index"
             out = subprocess.run([args.autofaiss_python, "-c", AUTOFAISS_BUILD, str(kb.path / "img_emb"),
@@ -102,17 +108,16 @@ def main():
             recall, latency = measure(_PositionIds(index, kb.ids()), queries, truth_ids)
             rows.append(("autofaiss", budget, af["index_key"], af["index_param"], recall, latency, af["build_s"],
                          af_index.stat().st_size))
+            print_row(*rows[-1])
 
-    print(f"\n{args.n} x {args.dim} clustered vectors, {args.queries} queries, recall@10 vs exact, "
-          f"{faiss.omp_get_max_threads()} threads")
-    print(f"{'who':10s} {'budget':>7s} {'factory':34s} {'params':32s} {'recall@10':>9s} {'ms/query':>9s} "
-          f"{'build s':>8s} {'MiB':>7s}")
-    for who, budget, factory, params, recall, latency, build_s, size in rows:
-        print(f"{who:10s} {budget:>7s} {factory:34s} {params:32s} {recall:9.3f} {latency:9.4f} {build_s:8.1f} "
-              f"{size / 2**20:7.1f}")
     for mine, theirs in zip(rows[::2], rows[1::2]):
         print(f"budget {mine[1]}: recall ratio react-vl/autofaiss {mine[4] / theirs[4]:.3f}, "
               f"latency ratio {mine[5] / theirs[5]:.2f}, build-time ratio {mine[6] / theirs[6]:.2f}")
+
+
+def print_row(who, budget, factory, params, recall, latency, build_s, size):
+    print(f"{who:10s} {budget:>7s} {factory:34s} {params:32s} {recall:9.3f} {latency:9.4f} {build_s:8.1f} "
+          f"{size / 2**20:7.1f}", flush=True)
 
 
 class _PositionIds:
