@@ -41,7 +41,8 @@ def test_factory_follows_size_and_budget():
     assert choose_factory(200_000, 512, "4GB") == "HNSW32"
     assert choose_factory(2_000_000, 512, "8GB") == "IVF4096,Flat"       # too many for HNSW
     assert choose_factory(200_000, 512, "420MB") == "HNSW18"            # fewer links to fit the budget
-    assert choose_factory(200_000, 512, "400MB") == "IVF2048,Flat"      # not even 8 links fit
+    assert choose_factory(200_000, 512, "400MB") == "IVF2048,Flat"      # not even 16 links fit
+    assert choose_factory(1_000_000, 512, "2GB") == "IVF4096,Flat"     # 11 links would fit: too few at 512-d
     large = choose_factory(400_000_000, 512, "64GB")
     assert large.startswith("OPQ") and "_HNSW32,PQ" in large and "IVF" in large
     assert choose_factory(1_000_000, 512, "100MB").endswith("PQ64x8")   # fewer code bytes when tight

@@ -30,7 +30,10 @@ from .utils import atomic_path, read_json, write_json
 KINDS = {"image": "img_emb", "text": "text_emb"}
 FLAT_MAX_VECTORS = 10_000       # below this, exact search is fast enough and loses nothing
 HNSW_MAX_VECTORS = 1_000_000    # HNSW build time grows too fast beyond this (autofaiss' limit too)
-HNSW_M = 32                     # graph links per node; fewer (down to 8) when the budget is tight
+HNSW_M = 32                     # graph links per node; fewer (down to 16) when the budget is tight
+# Fewer links than this leave a high-dimensional graph poorly connected: at 1M x 512, HNSW11
+# reached recall@10 0.77 at efSearch 1024 (benchmarks/bench_index.py), so IVF-Flat is used instead.
+HNSW_MIN_M = 16
 ADD_CHUNK = 20_000              # vectors converted to float32 and added at a time (bounds memory)
 MMAP_MIN_BYTES = 2**30          # indexes at least this large load memory-mapped
 _SIZE_RE = re.compile(r"^\s*([\d.]+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
@@ -71,7 +74,7 @@ def estimate_memory(factory: str, count: int, dim: int) -> int:
 def choose_factory(count: int, dim: int, memory_budget: str | int = "4GB") -> str:
     """The FAISS factory string for `count` vectors of `dim` under a memory budget.
 
-    Exact (Flat) for small sets; HNSW when it fits (with 8-32 links per node, as many as fit);
+    Exact (Flat) for small sets; HNSW when it fits (with 16-32 links per node, as many as fit);
     IVF-Flat when the raw vectors fit;
     otherwise OPQ + IVF (HNSW coarse quantizer) + PQ with as many code bytes as the budget allows.
     """
@@ -80,7 +83,7 @@ def choose_factory(count: int, dim: int, memory_budget: str | int = "4GB") -> st
     if count <= FLAT_MAX_VECTORS and estimate_memory("Flat", count, dim) <= budget:
         return "Flat"
     links = min(HNSW_M, (budget // count - 4 * dim - 8) // 8)
-    if count <= HNSW_MAX_VECTORS and links >= 8:
+    if count <= HNSW_MAX_VECTORS and links >= HNSW_MIN_M:
         return f"HNSW{links}"
     if estimate_memory(f"IVF{nlist},Flat", count, dim) <= budget:
         return f"IVF{nlist},Flat"
