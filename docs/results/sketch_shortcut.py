@@ -8,37 +8,31 @@ alone tells them apart, so contrastive pretraining never needs their shape. Labe
 the world's per-image metadata (KEY.json), which no stage of the pipeline reads.
 """
 
-import io
 import json
 import sys
-import tarfile
 from pathlib import Path
 
-import open_clip
-import torch
-from PIL import Image
+from webdataset.tariterators import tarfile_samples
 
-from react_vl.evaluate import class_prompt_cosine
+from react_vl.evaluate import class_prompt_cosine, extract_features, open_eval_data, text_classifier
+from react_vl.metrics import topk_accuracy
 from react_vl.models import load_model
+from react_vl.tasks import Task
 from react_vl.world import COLORS, SHAPES
 
 
-def sketch_images(world: Path, preprocess):
-    images, attributes = [], []
-    for shard in sorted((world / "eval" / "mini-shape-sketch").glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            members = {member.name: member for member in tar.getmembers()}
-            for name in sorted(n for n in members if n.endswith(".png")):
-                images.append(preprocess(Image.open(io.BytesIO(tar.extractfile(members[name]).read())).convert("RGB")))
-                attributes.append(json.loads(tar.extractfile(members[name[:-4] + ".json"]).read()))
-    return torch.stack(images), attributes
+def sketch_attributes(shards: list[str]) -> dict:
+    """KEY.json of every sample, under the 'shard:key' names evaluation gives its features."""
+    return {f"{shard}:{sample['__key__']}": json.loads(sample["json"])
+            for shard in shards for sample in tarfile_samples([{"url": shard}])}
 
 
-@torch.inference_mode()
 def main(base: str, world: str):
     model, preprocess, tokenizer = load_model(None, base)
-    images, attributes = sketch_images(Path(world), preprocess)
-    features = torch.cat([model.encode_image(images[i:i + 256], normalize=True) for i in range(0, len(images), 256)])
+    data = Path(world) / "eval" / "mini-shape-sketch"
+    features = extract_features(model, open_eval_data(str(data), preprocess), workers=0)
+    attributes = sketch_attributes(sorted(str(p) for p in data.glob("*.tar")))
+    attributes = [attributes[key] for key in features.keys]
     questions = {
         "shape": ([a["shape"] for a in attributes], SHAPES, ["a sketch of a {}.", "a drawing of a {}."]),
         "colour": ([a["color"] for a in attributes], list(COLORS), ["a sketch of a {} object.", "a drawing of a {} shape."]),
@@ -46,9 +40,9 @@ def main(base: str, world: str):
                              [f"{c} {s}" for c in COLORS for s in SHAPES], ["a sketch of a {}.", "a drawing of a {}."]),
     }
     for question, (truth, classes, templates) in questions.items():
-        classifier = open_clip.build_zero_shot_classifier(model, tokenizer, classes, templates, device="cpu").float()
-        labels = torch.tensor([classes.index(t) for t in truth])
-        accuracy = ((features @ classifier).argmax(1) == labels).float().mean().item()
+        classifier = text_classifier(model, tokenizer, Task(question, classes, templates), "cpu")
+        labels = features.labels.new_tensor([classes.index(t) for t in truth])
+        accuracy = topk_accuracy(features.image @ classifier, labels)
         print(f"sketch {question}: zero-shot {100 * accuracy:.1f}% (chance {100 / len(classes):.1f}%), "
               f"mean class-prompt cosine {class_prompt_cosine(classifier):.3f}")
 
