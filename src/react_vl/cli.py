@@ -284,13 +284,14 @@ def evaluate(model_args, model_options, task_names, data, retrieval, probe_shots
               help="Demo folder: world/, base/, kb/, retrieved/, shards/, runs/, eval/, summary.json, report.html.")
 @click.option("--seed", default=0, type=int, help="Seed of the world, the base model and the customization runs.")
 @click.option("--base-steps", default=None, type=int, help="Pretraining steps of the base model [default: 1000].")
+@click.option("--base-batch", default=None, type=int, help="Pretraining batch size of the base model [default: 128].")
 @click.option("--steps", default=None, type=int, help="Customization steps per strategy [default: 150].")
 @click.option("--no-random-control", is_flag=True,
               help="Skip the control run on a random knowledge-base subset of the retrieved size.")
 @click.option("--cache-dir", default="~/.cache/react-vl", help="Where trained base models are kept for reuse; "
               "'' turns the cache off.")
 @click.option("--workers", default=2, type=int, help="Data-loading worker processes.")
-def demo(out, seed, base_steps, steps, no_random_control, cache_dir, workers):
+def demo(out, seed, base_steps, base_batch, steps, no_random_control, cache_dir, workers):
     """Run the whole pipeline offline on the mini world and write a report.
 
     Generates the mini world, pretrains a small CLIP from scratch (cached: a second demo reuses
@@ -305,6 +306,7 @@ def demo(out, seed, base_steps, steps, no_random_control, cache_dir, workers):
     config = DemoConfig(world=WorldConfig(seed=seed), seed=seed, random_control=not no_random_control,
                         workers=workers)
     config.base_steps = base_steps or config.base_steps
+    config.base_batch = base_batch or config.base_batch
     config.steps = steps or config.steps
     run_demo(out, config, cache_dir=cache_dir or None)
 
