@@ -6,14 +6,10 @@ modules (react_vl.world, .embed, .index, .retrieve, .materialize, .train, .evalu
 
 import json
 import shlex
-import sys
 
 import click
 
-
-def _not_built(stage: str, issue: int):
-    click.echo(f"react-vl {stage}: this stage is not built yet (tracked in issue #{issue}).", err=True)
-    sys.exit(2)
+from .world import WorldConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -30,16 +26,19 @@ def main():
 # --- world -------------------------------------------------------------------------------------
 @main.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Folder to write the world into (WORLD/).")
-@click.option("--seed", default=0, help="World seed: same seed, byte-identical shards.")
-@click.option("--pretrain-size", default=100_000, help="Pairs in the pretraining corpus (photo-dominated).")
-@click.option("--kb-size", default=100_000, help="Pairs in the knowledge-base corpus (every style, rare ones a few percent).")
-@click.option("--eval-size", default=1_000, help="Evaluation images per task, classes balanced.")
-@click.option("--noise-rate", default=0.10, help="Share of corpus captions that are mismatched or irrelevant junk.")
-@click.option("--shard-size", default=5_000, help="Pairs per webdataset shard.")
+@click.option("--seed", default=WorldConfig.seed, help="World seed: same seed, byte-identical shards.")
+@click.option("--pretrain-size", default=WorldConfig.pretrain_size,
+              help="Pairs in the pretraining corpus (photo-dominated).")
+@click.option("--kb-size", default=WorldConfig.kb_size,
+              help="Pairs in the knowledge-base corpus (every style, rare ones a few percent).")
+@click.option("--eval-size", default=WorldConfig.eval_size, help="Evaluation images per task, classes balanced.")
+@click.option("--noise-rate", default=WorldConfig.noise_rate,
+              help="Share of corpus captions that are mismatched or irrelevant junk.")
+@click.option("--shard-size", default=WorldConfig.shard_size, help="Pairs per webdataset shard.")
 @click.option("--workers", default=None, type=int, help="Generator processes [default: one per CPU core].")
 def world(out, seed, pretrain_size, kb_size, eval_size, noise_rate, shard_size, workers):
     """Generate the mini world: pretraining corpus, knowledge base and evaluation tasks as shards."""
-    from .world import WorldConfig, generate_world
+    from .world import generate_world
 
     config = WorldConfig(seed=seed, pretrain_size=pretrain_size, kb_size=kb_size, eval_size=eval_size,
                          noise_rate=noise_rate, shard_size=shard_size, workers=workers)
@@ -301,7 +300,6 @@ def demo(out, seed, base_steps, base_batch, steps, no_random_control, cache_dir,
     cores from scratch.
     """
     from .demo import DemoConfig, run_demo
-    from .world import WorldConfig
 
     config = DemoConfig(world=WorldConfig(seed=seed), seed=seed, random_control=not no_random_control,
                         workers=workers)

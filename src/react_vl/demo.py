@@ -127,17 +127,18 @@ def prepare(demo_dir: Path, config: DemoConfig, cache_dir: Path | None, clock: "
     return base, kb
 
 
-def retrieve_targets(kb: Path, world: Path, out: Path, mode: str, per_class: int, config: DemoConfig) -> Path:
+def retrieve_targets(kb: Path, world: Path, out: Path, mode: str, per_class: int,
+                     dedup_threshold: float | None, eval_threshold: float | None) -> Path:
     """Retrieve for every target task into out/<task> (filtering out near-duplicates of the task's
-    evaluation images if `config.eval_threshold` is set); merged into out/all/retrieved.parquet."""
+    evaluation images if `eval_threshold` is set); merged into out/all/retrieved.parquet."""
     from .retrieve import retrieve
     from .tasks import get_task
 
     parts = [out / name for name in TARGET_TASKS]
     for name, part in zip(TARGET_TASKS, parts):
-        filters = {"eval_set": world / "eval" / name, "eval_threshold": config.eval_threshold} \
-            if config.eval_threshold is not None else {}
-        retrieve(kb, get_task(name), part, mode=mode, per_class=per_class, dedup_threshold=config.dedup_threshold,
+        filters = {"eval_set": world / "eval" / name, "eval_threshold": eval_threshold} \
+            if eval_threshold is not None else {}
+        retrieve(kb, get_task(name), part, mode=mode, per_class=per_class, dedup_threshold=dedup_threshold,
                  **filters)
     return merge_retrieved(parts, out / "all")
 
@@ -235,7 +236,7 @@ def run_demo(out: str | Path = "react-vl-demo", config: DemoConfig | None = None
     check_class_prompts(base)
     with clock("retrieve", f"retrieve for {', '.join(TARGET_TASKS)} ({config.retrieve_mode})"):
         merged = retrieve_targets(kb, demo_dir / "world", demo_dir / "retrieved", config.retrieve_mode,
-                                  config.per_class, config)
+                                  config.per_class, config.dedup_threshold, config.eval_threshold)
     with clock("materialize", "write the retrieved pairs as training shards"):
         count = materialize(merged, demo_dir / "shards" / "retrieved")["count"]
         if config.random_control:

@@ -159,7 +159,8 @@ def training_set(study_dir: Path, kb: Path, run: Run, config: DemoConfig,
     done = folder / "shards" / "summary.json"
     if not done.is_file():
         if run.data == "retrieved":
-            selected = retrieve_targets(kb, study_dir / "world", folder, run.mode, run.per_class, config)
+            selected = retrieve_targets(kb, study_dir / "world", folder, run.mode, run.per_class,
+                                        config.dedup_threshold, config.eval_threshold)
         else:
             draw = random_subset if run.data == "random" else oracle_subset
             selected = draw(kb, subset_size(), run.seed, folder / "selected")

@@ -1,12 +1,13 @@
-"""Small helpers every stage shares: atomic writes, JSON summaries, device choice."""
+"""Small helpers every stage shares: atomic writes, JSON summaries, device choice.
+
+torch is imported where it is used, so the world generator and the CLI start without it.
+"""
 
 import contextlib
 import json
 import os
 import tempfile
 from pathlib import Path
-
-import torch
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -33,6 +34,8 @@ def atomic_path(path: str | os.PathLike):
 
 def atomic_save(obj, path: str | os.PathLike) -> Path:
     """torch.save, atomically."""
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
@@ -60,8 +63,10 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def resolve_device(device: str | None = None) -> torch.device:
+def resolve_device(device: str | None = None) -> "torch.device":  # noqa: F821
     """'auto' / None -> cuda if available, else cpu."""
+    import torch
+
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
