@@ -158,7 +158,7 @@ def check_class_prompts(base: Path) -> dict:
         collapsed = cosine > COLLAPSED_CLASS_PROMPTS
         print(f"{'WARNING: ' if collapsed else ''}{name}: mean cosine between class prompts {cosine:.3f}"
               + (" - the base's text tower does not tell these classes apart, so customizing with it locked "
-                 "has no distinct targets; a longer base (--base-steps) is the fix" if collapsed else ""))
+                 "has no distinct targets: REACT needs a base that already knows the concepts" if collapsed else ""))
     return cosines
 
 
