@@ -64,6 +64,15 @@ def test_react_vl_checkpoint_roundtrip_records_model_name(tmp_path):
     assert torch.allclose(a[0], b[0]) and torch.allclose(a[1], b[1])
 
 
+def test_random_init_warning_only_when_the_weights_are_random(tmp_path, caplog):
+    model, _, _ = load_model("mini-vit-test")
+    assert "initialized randomly" in caplog.text  # open_clip's own warning, kept for random weights
+    save_model(tmp_path / "model.pt", model, "mini-vit-test")
+    caplog.clear()
+    load_model(None, str(tmp_path / "model.pt"))
+    assert "initialized randomly" not in caplog.text
+
+
 def test_missing_checkpoint_and_unknown_tag_say_what_was_wanted(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.pt"):
         load_model("mini-vit-test", str(tmp_path / "nope.pt"))

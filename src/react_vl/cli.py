@@ -9,6 +9,7 @@ import shlex
 
 import click
 
+from .demo import DemoConfig
 from .world import WorldConfig
 
 
@@ -278,13 +279,20 @@ def evaluate(model_args, model_options, task_names, data, retrieval, probe_shots
 
 
 # --- demo / study ------------------------------------------------------------------------------
+def base_model_options(command):
+    """--base-steps and --base-batch: the demo and the study train, or reuse from the cache, the same base."""
+    command = click.option("--base-batch", default=DemoConfig.base_batch,
+                           help="Pretraining batch size of the base model.")(command)
+    return click.option("--base-steps", default=DemoConfig.base_steps,
+                        help="Pretraining steps of the base model.")(command)
+
+
 @main.command()
 @click.option("--out", default="react-vl-demo", type=click.Path(file_okay=False),
               help="Demo folder: world/, base/, kb/, retrieved/, shards/, runs/, eval/, summary.json, report.html.")
 @click.option("--seed", default=0, type=int, help="Seed of the world, the base model and the customization runs.")
-@click.option("--base-steps", default=None, type=int, help="Pretraining steps of the base model [default: 1000].")
-@click.option("--base-batch", default=None, type=int, help="Pretraining batch size of the base model [default: 128].")
-@click.option("--steps", default=None, type=int, help="Customization steps per strategy [default: 150].")
+@base_model_options
+@click.option("--steps", default=DemoConfig.steps, help="Customization steps per strategy.")
 @click.option("--no-random-control", is_flag=True,
               help="Skip the control run on a random knowledge-base subset of the retrieved size.")
 @click.option("--cache-dir", default="~/.cache/react-vl", help="Where trained base models are kept for reuse; "
@@ -299,13 +307,10 @@ def demo(out, seed, base_steps, base_batch, steps, no_random_control, cache_dir,
     and evaluates base vs customized on target and control tasks. About 20-25 minutes on 2 CPU
     cores from scratch.
     """
-    from .demo import DemoConfig, run_demo
+    from .demo import run_demo
 
-    config = DemoConfig(world=WorldConfig(seed=seed), seed=seed, random_control=not no_random_control,
-                        workers=workers)
-    config.base_steps = base_steps or config.base_steps
-    config.base_batch = base_batch or config.base_batch
-    config.steps = steps or config.steps
+    config = DemoConfig(world=WorldConfig(seed=seed), seed=seed, base_steps=base_steps, base_batch=base_batch,
+                        steps=steps, random_control=not no_random_control, workers=workers)
     run_demo(out, config, cache_dir=cache_dir or None)
 
 
@@ -318,7 +323,8 @@ def demo(out, seed, base_steps, base_batch, steps, no_random_control, cache_dir,
 @click.option("--ablation", "ablations", multiple=True, type=click.Choice(["strategy", "subset", "mode", "size",
                                                                           "layers", "forgetting"]),
               help="Run only these ablations (repeatable) [default: all].")
-def study(out, quick, seeds, ablations):
+@base_model_options
+def study(out, quick, seeds, ablations, base_steps, base_batch):
     """The paper's ablations on the mini world, with seeds, mean and spread.
 
     Strategy table (with trainable parameters), retrieved vs random vs oracle subsets of equal
@@ -333,7 +339,8 @@ def study(out, quick, seeds, ablations):
     """
     from .study import ABLATIONS, run_study
 
-    run_study(out, quick=quick, seeds=seeds if seeds is not None else 1 if quick else 3, ablations=ablations or ABLATIONS)
+    run_study(out, quick=quick, config=DemoConfig(base_steps=base_steps, base_batch=base_batch),
+              seeds=seeds if seeds is not None else 1 if quick else 3, ablations=ablations or ABLATIONS)
 
 
 # --- report ------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ record the model name). The small mini-world configs in `model_configs/` are reg
 open_clip on import, so `mini-vit` is a model name like any other.
 """
 
+import contextlib
+import logging
 import os
 from pathlib import Path
 
@@ -42,6 +44,21 @@ def read_checkpoint_meta(path: str | os.PathLike) -> dict:
     return meta
 
 
+@contextlib.contextmanager
+def _without_random_init_warning():
+    """open_clip warns "Model initialized randomly" when built without a tag; from a local file
+    the weights are loaded right after, so that warning would only mislead."""
+    def keep(record):
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
+    try:
+        yield
+    finally:
+        root.removeFilter(keep)
+
+
 def load_model(name: str | None, pretrained: str | None = None, device: str | torch.device = "cpu",
                precision: str = "fp32"):
     """Return (model, preprocess, tokenizer) for an open_clip model name and a weight source.
@@ -69,8 +86,9 @@ def load_model(name: str | None, pretrained: str | None = None, device: str | to
             raise ValueError(f"unknown pretrained tag {tag!r} for {name}; known tags: {known or 'none'}; "
                              f"or pass a local checkpoint path")
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=tag, precision=precision, device=device)
+        with _without_random_init_warning() if path else contextlib.nullcontext():
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=tag, precision=precision, device=device)
     except Exception as err:  # noqa: BLE001 - re-raised with the context a user needs
         if tag is None:
             raise
