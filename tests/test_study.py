@@ -8,7 +8,7 @@ import pytest
 from conftest import TINY_WORLD
 
 from react_vl.demo import CONTROL_TASKS, TARGET_TASKS, DemoConfig, _cache_key
-from react_vl.study import gain_in_seed_std, mean_std, plan_study, run_study, table_row
+from react_vl.study import gain_in_seed_std, gates_table, mean_std, plan_study, run_study, table_row
 from react_vl.world import MINI_TASKS
 
 # base_* as tests/conftest.py's tiny_trained_model was trained, which the study finds in its base cache
@@ -37,6 +37,13 @@ def test_mean_std_and_rows_on_known_numbers():
     random_runs = [_result(s, {t: 54.0 + 2 * s for t in TARGET_TASKS + CONTROL_TASKS}) for s in range(3)]
     gain = gain_in_seed_std(row, table_row("random", random_runs, base))
     assert gain[TARGET_TASKS[0]] == {"difference": 6.0, "pooled_std": 2.0, "in_std": 3.0}
+
+
+def test_gate_table_averages_gate_sizes_not_signs():
+    # two seeds whose gates opened as far in opposite directions: open by 0.1, not closed
+    runs = [{"key": f"g_seed{seed}", "gates": {"1": {"attn": sign * 0.1, "dense": sign * 0.3}}}
+            for seed, sign in enumerate((1, -1))]
+    assert gates_table(runs, depth=2)[-1] == "| g |  | 0.100 / 0.300 |"
 
 
 def test_plan_shares_runs_and_refuses_unknown_ablations():
@@ -77,7 +84,7 @@ def test_shrunken_study_end_to_end_and_resumes(tiny_world, tiny_trained_model, t
 
     markdown = (out / "study.md").read_text()
     for text in ("| training set | pairs |", "| oracle |", f"{CONTROL_TASKS[0]} (control)",
-                 "Gate values after training", "n/a (one seed)"):
+                 "Gate openings after training", "n/a (one seed)"):
         assert text in markdown
 
     results = sorted((out / "runs").glob("*/result.json"))

@@ -281,19 +281,20 @@ def markdown_table(ablation: str, rows: list[dict], kb_size: int) -> list[str]:
 
 
 def gates_table(records: list[dict], depth: int) -> list[str]:
-    """tanh(alpha) per gated layer after training (attention / dense gate), mean over seeds."""
+    """|tanh(alpha)| per gated layer after training (attention / dense gate), mean over seeds:
+    a gate's sign is arbitrary (the block's output can flip with it), its size says how far it opened."""
     by_setting: dict[str, list[dict]] = {}
     for r in records:
         if r["gates"]:
             by_setting.setdefault(r["key"].rsplit("_seed", 1)[0], []).append(r["gates"])
-    lines = ["### Gate values after training, tanh(alpha) attention / dense, mean over seeds", "",
+    lines = ["### Gate openings after training, |tanh(alpha)| attention / dense, mean over seeds", "",
              "| run | " + " | ".join(f"layer {i}" for i in range(depth)) + " |", "|" + "---|" * (depth + 1)]
     for setting, gates in sorted(by_setting.items()):
         cells = []
         for layer in range(depth):
             found = [g[str(layer)] for g in gates if str(layer) in g]
-            cells.append(f"{np.mean([g['attn'] for g in found]):.3f} / {np.mean([g['dense'] for g in found]):.3f}"
-                         if found else "")
+            cells.append(f"{np.mean([abs(g['attn']) for g in found]):.3f} / "
+                         f"{np.mean([abs(g['dense']) for g in found]):.3f}" if found else "")
         lines.append(f"| {setting} | " + " | ".join(cells) + " |")
     return lines
 
