@@ -49,3 +49,20 @@ def test_shrunken_demo_runs_every_stage(tiny_world, tmp_path, capsys):
     reused = pretrain_base(tmp_path / "second", config, tmp_path / "cache")
     assert reused.read_bytes() == (tmp_path / "base" / "model.pt").read_bytes()
     assert not (tmp_path / "second" / "base" / "checkpoints").exists()
+
+
+def test_demo_and_study_commands_pass_the_base_model_options(monkeypatch):
+    # the demo and the study must ask for the same base (one cache entry), so both take these options
+    from click.testing import CliRunner
+
+    import react_vl.cli as cli
+    import react_vl.study as study
+
+    seen = {}
+    monkeypatch.setattr(cli, "run_demo", lambda out, config, cache_dir: seen.update(demo=config))
+    monkeypatch.setattr(study, "run_study", lambda out, config, **kwargs: seen.update(study=config))
+    for command in ("demo", "study"):
+        result = CliRunner().invoke(cli.main, [command, "--base-batch", "512", "--base-steps", "7"])
+        assert result.exit_code == 0, result.output
+        assert (seen[command].base_batch, seen[command].base_steps) == (512, 7)
+    assert seen["demo"].steps == DemoConfig().steps and seen["demo"].world.seed == DemoConfig().seed

@@ -9,7 +9,7 @@ import shlex
 
 import click
 
-from .demo import DemoConfig
+from .demo import DemoConfig, run_demo
 from .world import WorldConfig
 
 
@@ -290,7 +290,7 @@ def base_model_options(command):
 @main.command()
 @click.option("--out", default="react-vl-demo", type=click.Path(file_okay=False),
               help="Demo folder: world/, base/, kb/, retrieved/, shards/, runs/, eval/, summary.json, report.html.")
-@click.option("--seed", default=0, type=int, help="Seed of the world, the base model and the customization runs.")
+@click.option("--seed", default=DemoConfig.seed, help="Seed of the world, the base model and the customization runs.")
 @base_model_options
 @click.option("--steps", default=DemoConfig.steps, help="Customization steps per strategy.")
 @click.option("--no-random-control", is_flag=True,
@@ -307,8 +307,6 @@ def demo(out, seed, base_steps, base_batch, steps, no_random_control, cache_dir,
     and evaluates base vs customized on target and control tasks. About 20-25 minutes on 2 CPU
     cores from scratch.
     """
-    from .demo import run_demo
-
     config = DemoConfig(world=WorldConfig(seed=seed), seed=seed, base_steps=base_steps, base_batch=base_batch,
                         steps=steps, random_control=not no_random_control, workers=workers)
     run_demo(out, config, cache_dir=cache_dir or None)
