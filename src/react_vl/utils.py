@@ -8,6 +8,10 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -63,7 +67,7 @@ def _json_default(obj):
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def resolve_device(device: str | None = None) -> "torch.device":  # noqa: F821
+def resolve_device(device: str | None = None) -> "torch.device":
     """'auto' / None -> cuda if available, else cpu."""
     import torch
 
