@@ -6,9 +6,19 @@ import shutil
 import pyarrow.parquet as pq
 import pytest
 from conftest import TINY_WORLD
+from PIL import Image
 
 from react_vl.demo import CONTROL_TASKS, TARGET_TASKS, DemoConfig, _cache_key
-from react_vl.study import gain_in_seed_std, gates_table, mean_std, plan_study, run_study, table_row
+from react_vl.study import (
+    base_row,
+    gain_in_seed_std,
+    gates_table,
+    mean_std,
+    plan_study,
+    run_study,
+    study_figure,
+    table_row,
+)
 from react_vl.world import MINI_TASKS
 
 # base_* as tests/conftest.py's tiny_trained_model was trained, which the study finds in its base cache
@@ -44,6 +54,19 @@ def test_gate_table_averages_gate_sizes_not_signs():
     runs = [{"key": f"g_seed{seed}", "gates": {"1": {"attn": sign * 0.1, "dense": sign * 0.3}}}
             for seed, sign in enumerate((1, -1))]
     assert gates_table(runs, depth=2)[-1] == "| g |  | 0.100 / 0.300 |"
+
+
+def test_study_figure_draws_one_panel_per_finished_curve():
+    base = {t: 50.0 for t in TARGET_TASKS + CONTROL_TASKS}
+    gated = [{**_result(s, {t: 52.0 + s for t in base}), "gates": {"5": {"attn": 0.1, "dense": -0.3}}} for s in (0, 1)]
+    rows = [base_row(base), table_row("2 of 6", gated, base), table_row("6 of 6", gated, base)]
+    summary = {"tables": {"layers": rows, "subset": [base_row(base)]}, "runs": gated}
+    axes = study_figure(summary).axes
+    assert [ax.get_title() for ax in axes][1:] == ["gated layers", "gate openings (2 runs)"]
+    first_target = axes[1].lines[0]  # the first target's change over base, per layer count
+    assert list(first_target.get_xdata()) == [2, 6] and list(first_target.get_ydata()) == [2.5, 2.5]
+    assert list(axes[2].lines[1].get_ydata()) == [0.3]  # dense gate: its size, not its sign
+    assert study_figure({"tables": {"subset": [base_row(base)]}, "runs": []}) is None  # nothing finished yet
 
 
 def test_plan_shares_runs_and_refuses_unknown_ablations():
@@ -84,8 +107,9 @@ def test_shrunken_study_end_to_end_and_resumes(tiny_world, tiny_trained_model, t
 
     markdown = (out / "study.md").read_text()
     for text in ("| training set | pairs |", "| oracle |", f"{CONTROL_TASKS[0]} (control)",
-                 "Gate openings after training", "n/a (one seed)"):
+                 "Gate openings after training", "n/a (one seed)", "](study.png)"):
         assert text in markdown
+    assert Image.open(out / "study.png").size[0] > 400  # a real picture: trade-off and gate panels
 
     results = sorted((out / "runs").glob("*/result.json"))
     stamps = [p.stat().st_mtime_ns for p in results]

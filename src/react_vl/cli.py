@@ -314,7 +314,7 @@ def demo(out, seed, base_steps, base_batch, steps, no_random_control, cache_dir,
 
 @main.command()
 @click.option("--out", default="react-vl-study", type=click.Path(file_okay=False),
-              help="Study folder: world, base, KB, data/, runs/<key>/, study.json, study.md. Rerun to resume.")
+              help="Study folder: world, base, KB, data/, runs/<key>/, study.json, study.md, study.png. Rerun to resume.")
 @click.option("--quick", is_flag=True, help="Fewer points on the size, layer and mixing curves, and 1 seed.")
 @click.option("--seeds", default=None, type=click.IntRange(min=1),
               help="Customization seeds per ablation point (mean ± std over them) [default: 3, 1 with --quick].")

@@ -20,7 +20,8 @@ the random and oracle subsets. So the spread measures customization noise, not b
 Every run writes STUDY/runs/<key>/result.json; a run whose result exists is not redone, so a
 killed study continues where it stopped, and a run several ablations share (the default
 gated-image run is in most) is trained once. Runs go seed by seed, and STUDY/study.json (every
-run) and STUDY/study.md (tables, mean ± std over seeds) are rewritten after each run.
+run), STUDY/study.md (tables, mean ± std over seeds) and STUDY/study.png (the same as pictures)
+are rewritten after each run.
 
 Time on 2 CPU cores, measured (this CPU has no native bf16, so training runs in fp32): with
 the demo's base model cached, `--quick --seeds 3` (42 runs of 150 steps) took 85 min, about
@@ -313,7 +314,7 @@ def build_tables(plan: dict, records: dict[str, dict], base_scores: dict) -> dic
 
 
 def write_study(study_dir: Path, summary: dict) -> None:
-    """study.json (everything) and study.md (the tables)."""
+    """study.json (everything), study.md (the tables) and study.png (trade-off, curves, gates)."""
     write_json(summary, study_dir / "study.json")
     kb_size = summary["settings"]["world"]["kb_size"]
     lines = ["# react-vl study: REACT's ablations on the mini world", "",
@@ -330,8 +331,67 @@ def write_study(study_dir: Path, summary: dict) -> None:
                 + (f"{v['in_std']:+.1f} std" if v["in_std"] is not None else "n/a (one seed)")
                 for task, v in summary["retrieved_vs_random"].items()), ""]
     lines += gates_table(summary["runs"], summary["depth"]) + [""]
+    figure = study_figure(summary)
+    if figure is not None:
+        with atomic_path(study_dir / "study.png") as tmp:
+            figure.savefig(tmp, format="png", dpi=110)
+        lines += ["![target gain against forgetting, size and layer curves, gate openings](study.png)", ""]
     with atomic_path(study_dir / "study.md") as tmp:
         tmp.write_text("\n".join(lines))
+
+
+def study_figure(summary: dict):
+    """The tables as pictures: each run's target gain against its forgetting, the size and layer
+    curves, and how far the gates opened per layer. None when no ablation has a finished run."""
+    from matplotlib.figure import Figure
+
+    tables = {name: rows[1:] for name, rows in summary["tables"].items() if len(rows) > 1}  # rows[0] is base
+    gated = [r for r in summary["runs"] if r["gates"]]
+    if not tables:
+        return None
+    panels = ["trade-off"] + [name for name in ("size", "layers") if name in tables] + (["gates"] if gated else [])
+    figure = Figure(figsize=(4.4 * len(panels), 3.6), layout="constrained")
+    for ax, panel in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
+        if panel == "trade-off":  # every row of every ablation, one point each
+            for name, rows in tables.items():
+                for row in rows:
+                    ax.errorbar(row["control_change"]["mean"], row["target_change"]["mean"],
+                                xerr=row["control_change"]["std"] or 0, yerr=row["target_change"]["std"] or 0,
+                                fmt="o" if name == "strategy" else ".", color="C0" if name == "strategy" else "C7")
+                    if name == "strategy" or row["label"] in ("random", "oracle"):
+                        ax.annotate(row["label"], (row["control_change"]["mean"], row["target_change"]["mean"]),
+                                    fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.axhline(0, color="k", lw=0.5)
+            ax.axvline(0, color="k", lw=0.5)
+            ax.set(xlabel="Δ control (points)", ylabel="Δ target (points)",
+                   title="gain vs forgetting (grey: other ablations)")
+        elif panel in ("size", "layers"):
+            rows = tables[panel]
+            x = [row["train_pairs"] if panel == "size" else int(row["label"].split()[0]) for row in rows]
+            base = summary["tables"][panel][0]["scores"]
+            for task in TARGET_TASKS:
+                ax.errorbar(x, [r["scores"][task]["mean"] - base[task]["mean"] for r in rows],
+                            yerr=[r["scores"][task]["std"] or 0 for r in rows], marker="o", capsize=3, label=task)
+            ax.errorbar(x, [r["control_change"]["mean"] for r in rows],
+                        yerr=[r["control_change"]["std"] or 0 for r in rows],
+                        marker="s", ls="--", color="k", capsize=3, label="Δ control (mean)")
+            ax.axhline(0, color="k", lw=0.5)
+            ax.set(xlabel="retrieved pairs" if panel == "size" else "gated layers (the last N)",
+                   ylabel="points vs base", title="retrieval size" if panel == "size" else "gated layers")
+            if panel == "size":
+                ax.set_xscale("log")
+            else:
+                ax.set_xticks(x)
+            ax.legend(fontsize=7)
+        else:  # mean |tanh(alpha)| per layer over every gated run
+            layers = sorted({int(layer) for r in gated for layer in r["gates"]})
+            for gate in ("attn", "dense"):
+                ax.plot(layers, [np.mean([abs(r["gates"][str(i)][gate]) for r in gated if str(i) in r["gates"]])
+                                 for i in layers], marker="o", label=gate)
+            ax.set(xlabel="image layer", ylabel="mean |tanh(alpha)|", title=f"gate openings ({len(gated)} runs)",
+                   xticks=layers)
+            ax.legend(fontsize=7)
+    return figure
 
 
 def _check_same_config(study_dir: Path, config: DemoConfig) -> None:
