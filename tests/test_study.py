@@ -75,6 +75,9 @@ def test_plan_shares_runs_and_refuses_unknown_ablations():
     assert keys["gated-image"] == dict(plan["subset"])["retrieved"].key == dict(plan["mode"])["both"].key
     assert [label for label, _ in plan["layers"]] == [f"{n} of 6" for n in range(1, 7)]
     assert len(plan["size"]) == 3 and len(plan_study(DemoConfig(), quick=True)["size"]) == 2
+    assert [label for label, _ in plan["forgetting"]] == ["150 steps", "150 steps, 25% general pairs",
+                                                          "150 steps, 50% general pairs", "50 steps", "600 steps",
+                                                          "600 steps, 50% general pairs"]
     with pytest.raises(ValueError, match="unknown ablation"):
         plan_study(DemoConfig(), ablations=["strategy", "colour"])
 

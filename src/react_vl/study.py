@@ -10,7 +10,8 @@ The ablations (REACT's tables; docs/DESIGN.md for the stages they run through):
 - retrieval mode: t2t, t2i, both;  retrieval size: ~1%, the demo's size, ~10% of the knowledge base;
 - number of gated layers, 1 .. depth;
 - forgetting: every row shows the control tasks next to the targets; two ways to bound it are
-  measured: mixing a share of general (pretraining) pairs into every batch, and fewer steps.
+  measured: mixing a share of general (pretraining) pairs into every batch, and fewer steps;
+  a 4x longer run shows whether forgetting grows with training, and whether mixing still bounds it.
 
 What is shared and what a seed changes: the world, the base model (trained once, as in the demo,
 and cached), the knowledge base, its indexes and the retrieved sets are prepared once. A seed is
@@ -109,6 +110,15 @@ def plan_study(config: DemoConfig, quick: bool = False, ablations=ABLATIONS) -> 
     size_points = sorted({max(1, round(share * config.world.kb_size / n_classes)) for share in shares}
                          | {config.per_class})
     layer_points = sorted({1, default.gated_layers, depth}) if quick else range(1, depth + 1)
+    steps, mix_ratios = config.steps, MIX_RATIOS[:1] if quick else MIX_RATIOS
+    forgetting = ([(f"{steps} steps", default)]
+                  + [(f"{steps} steps, {100 * r:g}% general pairs", dataclasses.replace(default, mix_ratio=r))
+                     for r in mix_ratios]
+                  + [(f"{steps // 3} steps", dataclasses.replace(default, steps=steps // 3))])
+    if not quick:  # 4x longer: does forgetting grow with training, and does mixing still bound it?
+        forgetting += [(f"{4 * steps} steps", dataclasses.replace(default, steps=4 * steps)),
+                       (f"{4 * steps} steps, {100 * mix_ratios[-1]:g}% general pairs",
+                        dataclasses.replace(default, steps=4 * steps, mix_ratio=mix_ratios[-1]))]
     plan = {
         "strategy": [(s, dataclasses.replace(default, strategy=s, gated_layers=default.gated_layers
                                              if s in GATED_STRATEGIES else 0)) for s in STRATEGY_ORDER],
@@ -116,10 +126,7 @@ def plan_study(config: DemoConfig, quick: bool = False, ablations=ABLATIONS) -> 
         "mode": [(m, dataclasses.replace(default, mode=m)) for m in ("t2t", "t2i", "both")],
         "size": [(f"{n} per class", dataclasses.replace(default, per_class=n)) for n in size_points],
         "layers": [(f"{n} of {depth}", dataclasses.replace(default, gated_layers=n)) for n in layer_points],
-        "forgetting": [(f"{config.steps} steps", default)]
-                      + [(f"{config.steps} steps, {100 * r:g}% general pairs", dataclasses.replace(default, mix_ratio=r))
-                         for r in MIX_RATIOS[:1 if quick else None]]
-                      + [(f"{config.steps // 3} steps", dataclasses.replace(default, steps=config.steps // 3))],
+        "forgetting": forgetting,
     }
     return {name: plan[name] for name in ABLATIONS if name in ablations}
 
