@@ -77,7 +77,8 @@ def test_plan_shares_runs_and_refuses_unknown_ablations():
     assert len(plan["size"]) == 3 and len(plan_study(DemoConfig(), quick=True)["size"]) == 2
     assert [label for label, _ in plan["forgetting"]] == ["150 steps", "150 steps, 25% general pairs",
                                                           "150 steps, 50% general pairs", "50 steps", "600 steps",
-                                                          "600 steps, 50% general pairs"]
+                                                          "600 steps, 50% general pairs",
+                                                          "600 steps, 50% general pairs, random subset"]
     with pytest.raises(ValueError, match="unknown ablation"):
         plan_study(DemoConfig(), ablations=["strategy", "colour"])
 
