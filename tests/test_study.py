@@ -131,7 +131,7 @@ def test_cli_documents_the_time_and_refuses_bad_options(tmp_path):
 
     runner = CliRunner()
     help_text = runner.invoke(main, ["study", "--help"]).output
-    assert "--quick" in help_text and "85 min" in help_text and "30 min" in help_text
+    assert "--quick" in help_text and "2 h 40 min" in help_text and "30 min" in help_text
     for bad, option in ((["--seeds", "0"], "--seeds"), (["--ablation", "colour"], "--ablation")):
         result = runner.invoke(main, ["study", "--out", str(tmp_path / "s"), *bad])
         assert result.exit_code == 2 and option in result.output

@@ -331,9 +331,9 @@ def study(out, quick, seeds, ablations, base_steps, base_batch):
     The world, base model (shared with `react-vl demo` through its cache), KB and retrieval are
     made once; seeds vary the customization. A killed study resumes: finished runs are kept.
 
-    Time on 2 CPU cores, measured: --quick --seeds 3 (42 runs) took 85 min with the demo's
-    base model cached (about 2 min a run, plus 4 min to embed the KB); --quick (1 seed, 14
-    runs) about 30 min; the full study (19 runs a seed, 3 seeds) about 2 h.
+    Time on 2 CPU cores, measured with the base model cached: the full study (22 runs a seed,
+    3 seeds) 2 h 40 min with native bf16; --quick --seeds 3 (42 runs) 85 min in fp32;
+    --quick (1 seed, 14 runs) about 30 min.
     """
     from .study import ABLATIONS, run_study
 
