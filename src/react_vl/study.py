@@ -117,11 +117,11 @@ def plan_study(config: DemoConfig, quick: bool = False, ablations=ABLATIONS) -> 
                   + [(f"{steps // 3} steps", dataclasses.replace(default, steps=steps // 3))])
     if not quick:  # 4x longer: does forgetting grow with training, does mixing still bound it, and
         # does the gain still come from retrieval (the random subset of the same size, trained alike)?
-        long_mixed = dataclasses.replace(default, steps=4 * steps, mix_ratio=mix_ratios[-1])
-        forgetting += [(f"{4 * steps} steps", dataclasses.replace(default, steps=4 * steps)),
-                       (f"{4 * steps} steps, {100 * mix_ratios[-1]:g}% general pairs", long_mixed),
-                       (f"{4 * steps} steps, {100 * mix_ratios[-1]:g}% general pairs, random subset",
-                        dataclasses.replace(long_mixed, data="random"))]
+        long = dataclasses.replace(default, steps=4 * steps)
+        long_mixed = dataclasses.replace(long, mix_ratio=mix_ratios[-1])
+        mixed = f"{long.steps} steps, {100 * long_mixed.mix_ratio:g}% general pairs"
+        forgetting += [(f"{long.steps} steps", long), (mixed, long_mixed),
+                       (f"{mixed}, random subset", dataclasses.replace(long_mixed, data="random"))]
     plan = {
         "strategy": [(s, dataclasses.replace(default, strategy=s, gated_layers=default.gated_layers
                                              if s in GATED_STRATEGIES else 0)) for s in STRATEGY_ORDER],
