@@ -10,6 +10,7 @@ from PIL import Image
 
 from react_vl.demo import CONTROL_TASKS, TARGET_TASKS, DemoConfig, _cache_key
 from react_vl.study import (
+    ABLATIONS,
     base_row,
     gain_in_seed_std,
     gates_table,
@@ -132,6 +133,9 @@ def test_cli_documents_the_time_and_refuses_bad_options(tmp_path):
     runner = CliRunner()
     help_text = runner.invoke(main, ["study", "--help"]).output
     assert "--quick" in help_text and "2 h 40 min" in help_text and "30 min" in help_text
+    # the CLI spells the ablation names out (importing study would load torch for --help): same list
+    ablation_option = next(p for p in main.commands["study"].params if p.name == "ablations")
+    assert tuple(ablation_option.type.choices) == ABLATIONS
     for bad, option in ((["--seeds", "0"], "--seeds"), (["--ablation", "colour"], "--ablation")):
         result = runner.invoke(main, ["study", "--out", str(tmp_path / "s"), *bad])
         assert result.exit_code == 2 and option in result.output
