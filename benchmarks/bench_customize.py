@@ -12,6 +12,8 @@ make_optimizer, UniCLLoss, autocast) on random images and captions of the model'
                      as the public REACT code does
   gated-image-graph  gated-image with an input that requires grad, so autograd records the
                      frozen layers in front of the gated blocks too: what the no-graph prefix saves
+  gated-image-flash  gated-image with PyTorch's default attention kernels (flash attention on
+                     CPU) instead of the trainer's choice (train.attention_kernels: math on CPU)
 Each variant runs in a fresh subprocess. Training memory is the process's peak resident set
 size over the steps (Linux VmHWM, reset through /proc/self/clear_refs once the model is built)
 minus its resident size at that moment: gradients, optimizer state and activations. glibc is
@@ -21,6 +23,7 @@ warm-up step. The target: gated-image <= 0.6x full in both.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -28,7 +31,7 @@ import subprocess
 import sys
 import time
 
-VARIANTS = ("full", "locked-text", "gated-image", "gated-image-ckpt", "gated-image-graph")
+VARIANTS = ("full", "locked-text", "gated-image", "gated-image-ckpt", "gated-image-graph", "gated-image-flash")
 
 
 def _rss_kib(field: str) -> int:
@@ -43,10 +46,10 @@ def measure(model_name: str, variant: str, batch: int, steps: int, precision: st
 
     from react_vl.loss import UniCLLoss
     from react_vl.strategies import build_model, set_trainable
-    from react_vl.train import autocast_dtype, make_optimizer
+    from react_vl.train import attention_kernels, autocast_dtype, make_optimizer
 
     torch.manual_seed(0)
-    strategy = variant.removesuffix("-ckpt").removesuffix("-graph")
+    strategy = variant.removesuffix("-ckpt").removesuffix("-graph").removesuffix("-flash")
     model, _, tokenizer = build_model(model_name, None, strategy)
     counts = set_trainable(model, strategy)
     if variant.endswith("-ckpt"):
@@ -62,11 +65,14 @@ def measure(model_name: str, variant: str, batch: int, steps: int, precision: st
     tokens = tokenizer([f"a photo of thing number {i}" for i in range(batch)])
     model.train()
 
+    kernels = contextlib.nullcontext if variant.endswith("-flash") else lambda: attention_kernels(torch.device("cpu"))
+
     def step():
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
-            image_features, text_features, scale = model(images, tokens)[:3]
-            loss = loss_fn(image_features.float(), text_features.float(), scale.float())
-        loss.backward()
+        with kernels():  # backward too: checkpointed blocks recompute their forward
+            with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+                image_features, text_features, scale = model(images, tokens)[:3]
+                loss = loss_fn(image_features.float(), text_features.float(), scale.float())
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 

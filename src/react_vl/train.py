@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 import webdataset as wds
 from open_clip import image_transform
 from open_clip.transform import AugmentationCfg
@@ -242,6 +243,14 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
+def attention_kernels(device: torch.device):
+    """The scaled-dot-product-attention kernels a training step may use. On CPU only the plain
+    math kernel: PyTorch's CPU flash-attention backward is slow at a ViT's short sequences (in
+    mini-vit's 17 tokens, 8x its own forward), and the math kernel made a gated-image step 20%
+    faster (benchmarks/bench_customize.py, variant gated-image-flash). GPUs keep the fused kernels."""
+    return sdpa_kernel([SDPBackend.MATH]) if device.type == "cpu" else contextlib.nullcontext()
+
+
 def _cpu_has_native_bf16() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -446,15 +455,17 @@ def train(shards, model_name: str | None, pretrained: str | None, out, *, strate
                                  f"(skipped so far: {dict(skipped)})")
             torch.manual_seed(seed + step * accum_steps + micro)  # dropout etc., identical on resume
             sync = world_size == 1 or micro == accum_steps - 1
-            with (net.no_sync() if not sync else contextlib.nullcontext()), \
-                    torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                image_features, text_features, logit_scale = net(images.to(device), tokens.to(device))[:3]
-                loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float(), text_ids.to(device))
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"loss is {loss.item()} at step {step} (lr {lr_now:.3g}); the finished checkpoints in "
-                    f"{run / 'checkpoints'} are kept: lower --lr, or use --precision fp32, and --resume latest")
-            scaler.scale(loss * loss_fn.gradient_scale / accum_steps).backward()
+            with attention_kernels(device):  # backward too: a checkpointed block recomputes its forward
+                with (net.no_sync() if not sync else contextlib.nullcontext()), \
+                        torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    image_features, text_features, logit_scale = net(images.to(device), tokens.to(device))[:3]
+                    loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float(),
+                                   text_ids.to(device))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(
+                        f"loss is {loss.item()} at step {step} (lr {lr_now:.3g}); the finished checkpoints in "
+                        f"{run / 'checkpoints'} are kept: lower --lr, or use --precision fp32, and --resume latest")
+                scaler.scale(loss * loss_fn.gradient_scale / accum_steps).backward()
             step_loss += loss.item() / accum_steps
             seen += len(images) * world_size
             interval_samples += len(images) * world_size
