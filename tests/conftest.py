@@ -5,7 +5,7 @@ import pytest
 from react_vl.world import WorldConfig, generate_world
 
 # Small but with every style in every corpus: 2% of 2,000 pretraining pairs is ~40 sketches.
-TINY_WORLD = WorldConfig(seed=0, pretrain_size=2_000, kb_size=4_000, eval_size=80, shard_size=1_000, workers=2)
+TINY_WORLD = WorldConfig(seed=0, pretrain_size=2_000, kb_size=4_000, eval_size=80, val_size=80, shard_size=1_000, workers=2)
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from react_vl.demo import RANDOM_CONTROL, DemoConfig, pretrain_base, run_demo
 def test_shrunken_demo_runs_every_stage(tiny_world, tmp_path, capsys):
     shutil.copytree(tiny_world, tmp_path / "world")  # same config: the demo reuses its shards
     config = DemoConfig(world=TINY_WORLD, model="mini-vit-test", base_steps=8, base_batch=32, per_class=10,
-                        steps=4, batch=32, workers=1)
+                        steps=4, batch=32, mix_ratio=0.5, workers=1)
     summary = run_demo(tmp_path, config, cache_dir=tmp_path / "cache")
 
     written = json.loads((tmp_path / "summary.json").read_text())
@@ -45,6 +45,8 @@ def test_shrunken_demo_runs_every_stage(tiny_world, tmp_path, capsys):
         assert cosines[task]["gated-image"] == cosines[task]["base"]
     for run in ("gated-image", "locked-text", "gated-image-random-subset"):
         assert (tmp_path / "runs" / run / "model.pt").is_file()
+        args = json.loads((tmp_path / "runs" / run / "summary.json").read_text())["args"]
+        assert (args["steps"], args["mix_ratio"], args["mix_shards"]) == (4, 0.5, str(tmp_path / "world" / "pretrain"))
     # another demo folder reuses the cached base model instead of training it again
     reused = pretrain_base(tmp_path / "second", config, tmp_path / "cache")
     assert reused.read_bytes() == (tmp_path / "base" / "model.pt").read_bytes()
@@ -66,3 +68,5 @@ def test_demo_and_study_commands_pass_the_base_model_options(monkeypatch):
         assert result.exit_code == 0, result.output
         assert (seen[command].base_batch, seen[command].base_steps) == (512, 7)
     assert seen["demo"].steps == DemoConfig().steps and seen["demo"].world.seed == DemoConfig().seed
+    assert seen["demo"].mix_ratio == DemoConfig().mix_ratio > 0
+    assert (seen["study"].steps, seen["study"].mix_ratio) == (150, 0.0)  # the study's short schedule

@@ -207,6 +207,19 @@ def test_mini_world_tasks_by_name_with_retrieval_on_their_captions(tiny_world, t
     assert [(row["task"], row["role"]) for row in results["table"]][:2] == [(t, "control") for t in tasks]
 
 
+def test_val_split_reads_the_validation_sets_and_never_falls_back_to_the_test_sets(tiny_world, two_checkpoints,
+                                                                                   tmp_path):
+    model = [f"base=@{two_checkpoints / 'm0.pt'}"]
+    results = {split: evaluate(model, ["mini-shape-photo"], data=tiny_world, out=tmp_path / split, split=split)
+               for split in ("eval", "val")}
+    assert list(results["val"]["skipped"]) == [str(tiny_world / "val" / "mini-shape-photo")]
+    assert results["val"]["zero_shot"]["mini-shape-photo"]["base"]["count"] == 80
+    assert list(results["eval"]["skipped"]) == [str(tiny_world / "eval" / "mini-shape-photo")]
+    make_shards(tmp_path / "data" / "eval" / "colors", per_class=2, shards=1)
+    with pytest.raises(FileNotFoundError, match=r"no 'val' split for task colors: .*data/val/colors"):
+        evaluate(model, [TASK], data=tmp_path / "data", out=tmp_path / "EVAL", split="val")
+
+
 def test_trained_model_beats_chance_on_a_control_task(request, tiny_world, tmp_path):
     try:
         model_path = request.getfixturevalue("tiny_trained_model")

@@ -11,7 +11,10 @@ from PIL import Image
 from react_vl.demo import CONTROL_TASKS, TARGET_TASKS, DemoConfig, _cache_key
 from react_vl.study import (
     ABLATIONS,
+    STUDY_SCHEDULE,
+    Run,
     base_row,
+    choose_schedule,
     gain_in_seed_std,
     gates_table,
     mean_std,
@@ -24,7 +27,7 @@ from react_vl.world import MINI_TASKS
 
 # base_* as tests/conftest.py's tiny_trained_model was trained, which the study finds in its base cache
 TINY = DemoConfig(world=TINY_WORLD, model="mini-vit-test", base_steps=40, base_batch=64, base_lr=1e-3, per_class=8,
-                  steps=4, batch=32, precision="fp32", workers=0)
+                  steps=4, batch=32, mix_ratio=0.0, precision="fp32", workers=0)
 
 
 def _result(seed, scores, trainable=10):
@@ -71,17 +74,51 @@ def test_study_figure_draws_one_panel_per_finished_curve():
 
 
 def test_plan_shares_runs_and_refuses_unknown_ablations():
-    plan = plan_study(DemoConfig(), quick=False)
+    plan = plan_study(DemoConfig(**STUDY_SCHEDULE), quick=False)
     keys = {label: run.key for label, run in plan["strategy"]}
     assert keys["gated-image"] == dict(plan["subset"])["retrieved"].key == dict(plan["mode"])["both"].key
     assert [label for label, _ in plan["layers"]] == [f"{n} of 6" for n in range(1, 7)]
-    assert len(plan["size"]) == 3 and len(plan_study(DemoConfig(), quick=True)["size"]) == 2
+    assert len(plan["size"]) == 3 and len(plan_study(DemoConfig(**STUDY_SCHEDULE), quick=True)["size"]) == 2
     assert [label for label, _ in plan["forgetting"]] == ["150 steps", "150 steps, 25% general pairs",
                                                           "150 steps, 50% general pairs", "50 steps", "600 steps",
                                                           "600 steps, 50% general pairs",
                                                           "600 steps, 50% general pairs, random subset"]
+    assert [label for label, _ in plan["schedule"]] == ["150 steps", "150 steps, 50% general pairs", "300 steps",
+                                                        "300 steps, 50% general pairs", "600 steps",
+                                                        "600 steps, 50% general pairs"]
+    forgetting = dict(plan["forgetting"])
+    assert {run.key for _, run in plan["schedule"]} >= {forgetting["600 steps, 50% general pairs"].key,
+                                                        forgetting["150 steps"].key}  # shared runs train once
+    assert len(plan_study(DemoConfig(**STUDY_SCHEDULE), quick=True)["schedule"]) == 4
     with pytest.raises(ValueError, match="unknown ablation"):
-        plan_study(DemoConfig(), ablations=["strategy", "colour"])
+        plan_study(DemoConfig(**STUDY_SCHEDULE), ablations=["strategy", "colour"])
+    with pytest.raises(ValueError, match="set their own mixing"):  # the demo's defaults mix
+        plan_study(DemoConfig())
+
+
+def test_schedule_is_chosen_on_validation_scores_by_the_fixed_rule():
+    base_val = {t: 50.0 for t in TARGET_TASKS + CONTROL_TASKS}
+    points = [(f"{steps} steps", Run(steps=steps)) for steps in (100, 200, 400)]
+
+    def record(steps, seed, target, worst_control):  # test scores the opposite way: they must not count
+        val = {**{t: 50.0 + target for t in TARGET_TASKS}, **{t: 50.0 for t in CONTROL_TASKS}}
+        val[CONTROL_TASKS[-1]] = 50.0 + worst_control
+        key = Run(steps=steps, seed=seed).key
+        return key, {"key": key, "val_scores": val, "scores": {t: 100 - v for t, v in val.items()}}
+
+    # 400 steps gains most but loses 3 points on a control (mean over its 2 seeds); 200 keeps them within 2
+    records = dict([record(100, 0, 1.0, 0.0), record(200, 0, 4.0, -1.0), record(200, 1, 6.0, -2.5),
+                    record(400, 0, 9.0, -2.0), record(400, 1, 9.0, -4.0)])
+    choice = choose_schedule(points, records, base_val)
+    assert choice["chosen"] == "200 steps" and choice["complete"]
+    assert {c["label"]: (c["seeds"], c["val_target_change"], c["val_worst_control_change"])
+            for c in choice["candidates"]} == {"100 steps": (1, 1.0, 0.0), "200 steps": (2, 5.0, -1.75),
+                                               "400 steps": (2, 9.0, -3.0)}
+    del records[Run(steps=100, seed=0).key]
+    assert choose_schedule(points, records, base_val)["chosen"] is None  # not every candidate has run
+    strict = dict(records, **dict([record(100, 0, 1.0, -2.1)]))
+    strict.pop(Run(steps=200, seed=0).key)  # 200 steps now -2.5, 100 steps -2.1: none keeps the controls
+    assert choose_schedule(points, strict, base_val)["chosen"] is None
 
 
 def test_shrunken_study_end_to_end_and_resumes(tiny_world, tiny_trained_model, tmp_path):
@@ -91,10 +128,10 @@ def test_shrunken_study_end_to_end_and_resumes(tiny_world, tiny_trained_model, t
     base = shutil.copytree(tiny_trained_model.parent, cache / f"base-{_cache_key(TINY)}")
     (base / "summary.json").write_text(json.dumps({**json.loads((base / "summary.json").read_text()),
                                                    "cache_key": _cache_key(TINY)}))
-    summary = run_study(out, quick=True, config=TINY, seeds=1, ablations=["subset"], cache_dir=cache)
+    summary = run_study(out, quick=True, config=TINY, seeds=1, ablations=["subset", "schedule"], cache_dir=cache)
 
     saved = json.loads((out / "study.json").read_text())
-    assert saved["runs_done"] == saved["runs_planned"] == 3
+    assert saved["runs_done"] == saved["runs_planned"] == 6  # the schedule's 4-step run is subset's retrieved one
     subset = {row["label"]: row for row in saved["tables"]["subset"]}
     assert list(subset) == ["base", "retrieved", "random", "oracle"]
     assert subset["base"]["scores"] == {t: {"mean": v, "std": None, "n": 1} for t, v in saved["base"]["scores"].items()}
@@ -108,17 +145,26 @@ def test_shrunken_study_end_to_end_and_resumes(tiny_world, tiny_trained_model, t
         assert all(0 <= s["mean"] <= 100 for s in row["scores"].values())
     for run in saved["runs"]:  # the default for a 2-layer tower: a gated block on the last layer
         assert set(run["gates"]) == {"1"} and run["config"]["lr"] == 5e-4 and run["seconds"]["train"] > 0
+        # only the schedule candidates are scored on the validation sets (all retrieved; random/oracle are not)
+        assert ("val_scores" in run) == (run["config"]["data"] == "retrieved"), run["key"]
+    choice = saved["schedule_choice"]
+    assert choice["complete"] and [c["label"] for c in choice["candidates"]] == \
+        ["4 steps", "4 steps, 25% general pairs", "8 steps", "8 steps, 25% general pairs"]  # quick: the 25% share
+    eligible = [c for c in choice["candidates"] if c["val_worst_control_change"] >= -2]
+    assert choice["chosen"] == (max(eligible, key=lambda c: c["val_target_change"])["label"] if eligible else None)
+    assert set(saved["base"]["val_scores"]) == set(TARGET_TASKS + CONTROL_TASKS)
     assert saved["retrieved_vs_random"][TARGET_TASKS[0]]["in_std"] is None  # one seed: no spread
 
     markdown = (out / "study.md").read_text()
     for text in ("| training set | pairs |", "| oracle |", f"{CONTROL_TASKS[0]} (control)",
-                 "Gate openings after training", "n/a (one seed)", "](study.png)"):
+                 "Gate openings after training", "n/a (one seed)", "](study.png)", "Chosen on the validation sets",
+                 "| 8 steps, 25% general pairs | 1 |"):
         assert text in markdown
     assert Image.open(out / "study.png").size[0] > 400  # a real picture: trade-off and gate panels
 
     results = sorted((out / "runs").glob("*/result.json"))
     stamps = [p.stat().st_mtime_ns for p in results]
-    again = run_study(out, quick=True, config=TINY, seeds=1, ablations=["subset"], cache_dir=cache)
+    again = run_study(out, quick=True, config=TINY, seeds=1, ablations=["subset", "schedule"], cache_dir=cache)
     assert [p.stat().st_mtime_ns for p in results] == stamps  # no run was redone
     assert again["tables"] == summary["tables"]
     with pytest.raises(ValueError, match="steps"):

@@ -2,6 +2,7 @@ import hashlib
 import io
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from PIL import Image
 
 from react_vl.world import COLORS, MINI_TASKS, SHAPES, STYLE_WORDS, STYLES, WorldConfig, generate_world
 
-SMALL = dict(pretrain_size=48, kb_size=48, eval_size=16, shard_size=24)
+SMALL = dict(pretrain_size=48, kb_size=48, eval_size=16, val_size=16, shard_size=24)
 
 
 def _shard_bytes(world: Path) -> dict:
@@ -33,7 +34,7 @@ def test_same_seed_gives_identical_shards_whatever_the_worker_count(tmp_path):
     generate_world(tmp_path / "b", WorldConfig(seed=3, workers=2, **SMALL))
     generate_world(tmp_path / "c", WorldConfig(seed=4, workers=1, **SMALL))
     a, b, c = (_shard_bytes(tmp_path / x) for x in "abc")
-    assert len(a) == one["shards"]["total"] == 2 + 2 + len(MINI_TASKS)
+    assert len(a) == one["shards"]["total"] == 2 + 2 + 2 * len(MINI_TASKS)  # pretrain, kb, eval and val per task
     assert a == b
     assert a.keys() == c.keys() and all(a[name] != c[name] for name in a)
 
@@ -49,6 +50,12 @@ def test_resume_regenerates_only_missing_shards_and_refuses_another_config(tmp_p
     with pytest.raises(ValueError, match=r"different config \(seed\)"):
         generate_world(tmp_path, WorldConfig(seed=2, workers=1, **SMALL))
     assert generate_world(tmp_path, WorldConfig(seed=1, workers=2, **SMALL))["shards"]["generated"] == 0
+    # a world made before validation sets existed gets them; nothing else is redone
+    shutil.rmtree(tmp_path / "val")
+    summary = generate_world(tmp_path, WorldConfig(seed=1, workers=1, **{**SMALL, "val_size": 8}))
+    assert summary["shards"]["generated"] == len(MINI_TASKS) and summary["counts"]["val/mini-color-night"]["total"] == 8
+    assert {k: v for k, v in _shard_bytes(tmp_path).items() if "val" not in k} == \
+        {k: v for k, v in before.items() if "val" not in k}
 
 
 def test_config_validation_names_the_field():
@@ -63,7 +70,8 @@ def test_config_validation_names_the_field():
 def test_every_shard_reads_back_as_valid_webdataset(tiny_world):
     config = json.loads((tiny_world / "world.json").read_text())["config"]
     expected = {"pretrain": config["pretrain_size"], "kb": config["kb_size"],
-                **{f"eval/{task}": config["eval_size"] for task in MINI_TASKS}}
+                **{f"eval/{task}": config["eval_size"] for task in MINI_TASKS},
+                **{f"val/{task}": config["val_size"] for task in MINI_TASKS}}
     keys = set()
     for folder, count in expected.items():
         samples = _samples(tiny_world, folder)
@@ -75,7 +83,7 @@ def test_every_shard_reads_back_as_valid_webdataset(tiny_world):
             assert meta["key"] == sample["__key__"]
             assert {"shape", "color", "texture", "size", "position", "background", "style", "noisy"} <= meta.keys()
             assert sample["txt"].decode().strip()
-            assert ("label" in meta) == folder.startswith("eval/")
+            assert ("label" in meta) == folder.startswith(("eval/", "val/"))
             keys.add(sample["__key__"])
     assert len(keys) == sum(expected.values())  # keys unique across the whole world
 
@@ -97,10 +105,13 @@ def test_concept_distribution_follows_the_config(tiny_world):
         assert _within(noisy, total, config["noise_rate"]), (corpus, noisy)
 
 
-def test_eval_sets_are_balanced_clean_and_in_the_task_style(tiny_world):
+@pytest.mark.parametrize("split", ["eval", "val"])
+def test_eval_and_val_sets_are_balanced_clean_and_in_the_task_style(tiny_world, split):
     for name, spec in MINI_TASKS.items():
         task = json.loads((tiny_world / "tasks" / f"{name}.json").read_text())
-        metas = [json.loads(s["json"]) for s in _samples(tiny_world, f"eval/{name}")]
+        assert task[split] == f"{split}/{name}"
+        metas = [json.loads(s["json"]) for s in _samples(tiny_world, task[split])]
+        assert metas, (split, name)
         labels = [m["label"] for m in metas]
         assert all(task["classnames"][m["label"]] == m[spec["attribute"]] for m in metas)
         per_class = [labels.count(i) for i in range(len(task["classnames"]))]
@@ -108,13 +119,14 @@ def test_eval_sets_are_balanced_clean_and_in_the_task_style(tiny_world):
         assert all(m["style"] == spec["style"] and not m["noisy"] for m in metas)
 
 
-def test_eval_images_never_appear_in_a_corpus(tiny_world):
+def test_eval_images_never_appear_in_a_corpus_or_the_validation_set(tiny_world):
     def digests(folder):
         return {hashlib.sha256(s["png"]).hexdigest() for s in _samples(tiny_world, folder)}
 
     corpora = digests("pretrain") | digests("kb")
     for name in MINI_TASKS:
-        assert not digests(f"eval/{name}") & corpora, name
+        test, val = digests(f"eval/{name}"), digests(f"val/{name}")
+        assert val and not test & corpora and not val & corpora and not test & val, name
 
 
 def test_clean_captions_name_both_classes_and_any_non_photo_style(tiny_world):
@@ -139,7 +151,8 @@ def test_cli_writes_a_world_with_the_config_defaults(tmp_path):
     defaults = {param.name: param.default for param in main.commands["world"].params if param.name != "out"}
     assert defaults == {name: getattr(WorldConfig(), name) for name in defaults}  # one source of defaults
     result = CliRunner().invoke(main, ["world", "--out", str(tmp_path), "--seed", "5", "--pretrain-size", "20",
-                                       "--kb-size", "20", "--eval-size", "8", "--shard-size", "20", "--workers", "1"])
+                                       "--kb-size", "20", "--eval-size", "8", "--val-size", "8", "--shard-size", "20",
+                                       "--workers", "1"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "world.json").read_text())
     assert summary["config"]["seed"] == 5 and summary["counts"]["kb"]["total"] == 20

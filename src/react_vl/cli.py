@@ -32,17 +32,19 @@ def main():
               help="Pairs in the pretraining corpus (photo-dominated).")
 @click.option("--kb-size", default=WorldConfig.kb_size,
               help="Pairs in the knowledge-base corpus (every style, rare ones a few percent).")
-@click.option("--eval-size", default=WorldConfig.eval_size, help="Evaluation images per task, classes balanced.")
+@click.option("--eval-size", default=WorldConfig.eval_size, help="Evaluation (test) images per task, classes balanced.")
+@click.option("--val-size", default=WorldConfig.val_size,
+              help="Validation images per task, drawn like the test images from other seeds: for choosing settings.")
 @click.option("--noise-rate", default=WorldConfig.noise_rate,
               help="Share of corpus captions that are mismatched or irrelevant junk.")
 @click.option("--shard-size", default=WorldConfig.shard_size, help="Pairs per webdataset shard.")
 @click.option("--workers", default=None, type=int, help="Generator processes [default: one per CPU core].")
-def world(out, seed, pretrain_size, kb_size, eval_size, noise_rate, shard_size, workers):
+def world(out, seed, pretrain_size, kb_size, eval_size, val_size, noise_rate, shard_size, workers):
     """Generate the mini world: pretraining corpus, knowledge base and evaluation tasks as shards."""
     from .world import generate_world
 
     config = WorldConfig(seed=seed, pretrain_size=pretrain_size, kb_size=kb_size, eval_size=eval_size,
-                         noise_rate=noise_rate, shard_size=shard_size, workers=workers)
+                         val_size=val_size, noise_rate=noise_rate, shard_size=shard_size, workers=workers)
     summary = generate_world(out, config)
     click.echo(f"{out}: {summary['shards']['total']} shards ({summary['shards']['reused']} reused), "
                f"{summary['pairs_per_second']} pairs/s; counts in {out}/world.json")
@@ -245,6 +247,8 @@ def customize(shards, model_name, gated_layers, **options):
 @click.option("--data", default=None, help="Mini world WORLD/ (uses WORLD/eval/<task>), shards, class folders, "
                                            "or clip_benchmark:DATASET[:ROOT]; TASK=PATH (repeatable) per task.",
               multiple=True)
+@click.option("--split", default="eval", type=click.Choice(["eval", "val"]),
+              help="Mini world split: eval (test sets) or val (validation sets, for choosing settings).")
 @click.option("--retrieval", multiple=True, help="Captioned set for recall@k: JSON [{image, captions}], CSV "
                                                  "(image, caption) or captioned shards; repeatable.")
 @click.option("--probe-shots", default="", help="Linear-probe shots per class, comma separated, e.g. 1,5,full "
@@ -256,8 +260,8 @@ def customize(shards, model_name, gated_layers, **options):
 @click.option("--batch-size", default=64, help="Images per forward pass.")
 @click.option("--workers", default=2, help="DataLoader worker processes decoding images.")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:N or auto.")
-def evaluate(model_args, model_options, task_names, data, retrieval, probe_shots, probe_seeds, no_language_init,
-             out, batch_size, workers, device):
+def evaluate(model_args, model_options, task_names, data, split, retrieval, probe_shots, probe_seeds,
+             no_language_init, out, batch_size, workers, device):
     """Evaluate models on tasks: zero-shot, retrieval, linear probe, side by side.
 
     Models come as MODEL arguments and/or --model options (same LABEL=NAME@PRETRAINED syntax).
@@ -271,7 +275,7 @@ def evaluate(model_args, model_options, task_names, data, retrieval, probe_shots
     results = evaluate_models(list(model_args) + list(model_options), list(task_names),
                               data=per_task or (shared[0] if shared else None), out=out, retrieval=retrieval,
                               probe_shots=shots, probe_seeds=probe_seeds, language_init=not no_language_init,
-                              batch_size=batch_size, workers=workers, device=device)
+                              batch_size=batch_size, workers=workers, device=device, split=split)
     click.echo(open(f"{results['out']}/table.md").read())
     skipped = sum(len(reasons) for reasons in results["skipped"].values())
     click.echo(f"details: {out}/results.json, chart: {out}/chart.png; {skipped} unreadable samples skipped, "
@@ -293,12 +297,14 @@ def base_model_options(command):
 @click.option("--seed", default=DemoConfig.seed, help="Seed of the world, the base model and the customization runs.")
 @base_model_options
 @click.option("--steps", default=DemoConfig.steps, help="Customization steps per strategy.")
+@click.option("--mix-ratio", default=DemoConfig.mix_ratio, type=click.FloatRange(0, 1, max_open=True),
+              help="Share of every customization batch drawn from the pretraining corpus (bounds forgetting).")
 @click.option("--no-random-control", is_flag=True,
               help="Skip the control run on a random knowledge-base subset of the retrieved size.")
 @click.option("--cache-dir", default="~/.cache/react-vl", help="Where trained base models are kept for reuse; "
               "'' turns the cache off.")
 @click.option("--workers", default=2, type=int, help="Data-loading worker processes.")
-def demo(out, seed, base_steps, base_batch, steps, no_random_control, cache_dir, workers):
+def demo(out, seed, base_steps, base_batch, steps, mix_ratio, no_random_control, cache_dir, workers):
     """Run the whole pipeline offline on the mini world and write a report.
 
     Generates the mini world, pretrains a small CLIP from scratch (cached: a second demo reuses
@@ -308,7 +314,7 @@ def demo(out, seed, base_steps, base_batch, steps, no_random_control, cache_dir,
     cores from scratch.
     """
     config = DemoConfig(world=WorldConfig(seed=seed), seed=seed, base_steps=base_steps, base_batch=base_batch,
-                        steps=steps, random_control=not no_random_control, workers=workers)
+                        steps=steps, mix_ratio=mix_ratio, random_control=not no_random_control, workers=workers)
     run_demo(out, config, cache_dir=cache_dir or None)
 
 
@@ -319,7 +325,7 @@ def demo(out, seed, base_steps, base_batch, steps, no_random_control, cache_dir,
 @click.option("--seeds", default=None, type=click.IntRange(min=1),
               help="Customization seeds per ablation point (mean ± std over them) [default: 3, 1 with --quick].")
 @click.option("--ablation", "ablations", multiple=True, type=click.Choice(["strategy", "subset", "mode", "size",
-                                                                          "layers", "forgetting"]),
+                                                                          "layers", "forgetting", "schedule"]),
               help="Run only these ablations (repeatable) [default: all].")
 @base_model_options
 def study(out, quick, seeds, ablations, base_steps, base_batch):
@@ -335,9 +341,9 @@ def study(out, quick, seeds, ablations, base_steps, base_batch):
     3 seeds) 2 h 40 min with native bf16; --quick --seeds 3 (42 runs) 85 min in fp32;
     --quick (1 seed, 14 runs) about 30 min.
     """
-    from .study import ABLATIONS, run_study
+    from .study import ABLATIONS, STUDY_SCHEDULE, run_study
 
-    run_study(out, quick=quick, config=DemoConfig(base_steps=base_steps, base_batch=base_batch),
+    run_study(out, quick=quick, config=DemoConfig(base_steps=base_steps, base_batch=base_batch, **STUDY_SCHEDULE),
               seeds=seeds if seeds is not None else 1 if quick else 3, ablations=ablations or ABLATIONS)
 
 

@@ -375,14 +375,21 @@ def _resolve_task(task, data):
     return get_task(task)
 
 
-def task_data_path(data, task_name: str) -> str:
-    """Where a task's evaluation data is: a per-task mapping, WORLD/eval/<task>, DATA/<task>, or DATA."""
+def task_data_path(data, task_name: str, split: str = "eval") -> str:
+    """Where a task's evaluation data is: a per-task mapping, WORLD/<split>/<task>, DATA/<task>, or DATA.
+    `split` other than "eval" (the mini world's "val") must exist as DATA/<split>/<task>: falling
+    back to the test data there would choose settings on it without saying so."""
     if isinstance(data, dict):
         if task_name not in data:
             raise ValueError(f"no evaluation data given for task {task_name} (have: {sorted(data)})")
         return str(data[task_name])
     if data is None:
         raise ValueError(f"no evaluation data given for task {task_name}: pass data=PATH")
+    if split != "eval":
+        if not (Path(data) / split / task_name).is_dir():
+            raise FileNotFoundError(f"no {split!r} split for task {task_name}: {Path(data) / split / task_name} "
+                                    f"does not exist (a mini world made with val_size > 0 has WORLD/val/<task>)")
+        return str(Path(data) / split / task_name)
     for candidate in (Path(data) / "eval" / task_name, Path(data) / task_name):
         if candidate.is_dir():
             return str(candidate)
@@ -391,11 +398,12 @@ def task_data_path(data, task_name: str) -> str:
 
 def evaluate(models, tasks=(), data=None, out="EVAL", retrieval=(), probe_shots=(), probe_seeds: int = 3,
              language_init: bool = True, batch_size: int = 64, workers: int = 2, device="auto",
-             cache_dir=None) -> dict:
+             cache_dir=None, split: str = "eval") -> dict:
     """Evaluate every model on every task (and captioned set); write results, tables and a chart to `out`.
 
     models: model specs 'LABEL=NAME@PRETRAINED' (the first is the reference for deltas).
     tasks: task names or Task objects; data: a mini world, a dataset path, or {task: path}.
+    split: "eval" (the test sets) or "val" (a mini world's validation sets, for choosing settings).
     retrieval: extra captioned sets (paths); probe_shots: e.g. [1, 5, "full"] (empty: no probe).
     """
     started, device = time.time(), resolve_device(device)
@@ -405,7 +413,7 @@ def evaluate(models, tasks=(), data=None, out="EVAL", retrieval=(), probe_shots=
     if len({s.label for s in specs}) != len(specs):
         raise ValueError(f"model labels must be unique: {[s.label for s in specs]}")
     tasks = [_resolve_task(t, data) for t in tasks]
-    datasets = {t.name: task_data_path(data, t.name) for t in tasks}
+    datasets = {t.name: task_data_path(data, t.name, split) for t in tasks}
     results = {"models": {}, "roles": {t.name: getattr(t, "role", None) or "" for t in tasks},
                "zero_shot": {}, "retrieval": {}, "probe": {}, "skipped": {}, "cache_hits": 0}
     extract = {"batch_size": batch_size, "workers": workers, "device": device}

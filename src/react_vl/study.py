@@ -11,7 +11,11 @@ The ablations (REACT's tables; docs/DESIGN.md for the stages they run through):
 - number of gated layers, 1 .. depth;
 - forgetting: every row shows the control tasks next to the targets; two ways to bound it are
   measured: mixing a share of general (pretraining) pairs into every batch, and fewer steps;
-  a 4x longer run shows whether forgetting grows with training, and whether mixing still bounds it.
+  a 4x longer run shows whether forgetting grows with training, and whether mixing still bounds it;
+- schedule: 1x, 2x, 4x the steps, without and with general pairs mixed in, and the one the demo
+  should use *chosen on the world's validation sets* (never the test sets every table reports) by
+  a rule fixed before any run: the largest mean target gain among the schedules that keep every
+  control task within 2 points of base (`choose_schedule`).
 
 What is shared and what a seed changes: the world, the base model (trained once, as in the demo,
 and cached), the knowledge base, its indexes and the retrieved sets are prepared once. A seed is
@@ -56,7 +60,7 @@ from .strategies import GATED_STRATEGIES
 from .utils import atomic_path, read_json, write_json
 from .world import ATTRIBUTE_CLASSES, MINI_TASKS
 
-ABLATIONS = ("strategy", "subset", "mode", "size", "layers", "forgetting")
+ABLATIONS = ("strategy", "subset", "mode", "size", "layers", "forgetting", "schedule")
 STRATEGY_ORDER = ("locked-image", "locked-text", "full", "gated-image", "gated-image-text")
 # what each strategy does to the image and text towers, as the paper's strategy table shows it
 TOWERS = {"base": ("-", "-"), "locked-image": ("frozen", "tuned"), "locked-text": ("tuned", "frozen"),
@@ -66,6 +70,11 @@ PAPER_IN1K = {"base": 63.2, "locked-image": 63.7, "locked-text": 66.9, "full": 6
               "gated-image-text": 68.7, "t2i": 65.8, "t2t": 68.6, "both": 68.6}
 SIZE_SHARES = (0.01, 0.10)  # retrieval size curve: these shares of the KB, plus the demo's per_class
 MIX_RATIOS = (0.25, 0.5)  # share of every batch drawn from the pretraining corpus
+SCHEDULE_STEPS = (1, 2, 4)  # schedule ablation: these multiples of the default steps, each without and with mixing
+CONTROL_TOLERANCE = 2.0  # points a control task may lose for a schedule to be chosen (the demo's bar)
+# The ablations compare runs on a short schedule, the demo's before the schedule ablation chose
+# 4x the steps: on the demo's own schedule a seed's runs would take ~4x as long.
+STUDY_SCHEDULE = {"steps": 150, "mix_ratio": 0.0}
 TASKS = TARGET_TASKS + CONTROL_TASKS
 
 
@@ -102,6 +111,9 @@ def plan_study(config: DemoConfig, quick: bool = False, ablations=ABLATIONS) -> 
     unknown = set(ablations) - set(ABLATIONS)
     if unknown:
         raise ValueError(f"unknown ablation(s) {sorted(unknown)}; choose from {', '.join(ABLATIONS)}")
+    if config.mix_ratio:
+        raise ValueError(f"the study's rows set their own mixing (got mix_ratio={config.mix_ratio}); "
+                         f"start from DemoConfig(**STUDY_SCHEDULE)")
     depth = _depth(config.model)
     default = Run(mode=config.retrieve_mode, per_class=config.per_class,
                   gated_layers=len(default_gated_layers(depth)), steps=config.steps)
@@ -122,6 +134,9 @@ def plan_study(config: DemoConfig, quick: bool = False, ablations=ABLATIONS) -> 
         mixed = f"{long.steps} steps, {100 * long_mixed.mix_ratio:g}% general pairs"
         forgetting += [(f"{long.steps} steps", long), (mixed, long_mixed),
                        (f"{mixed}, random subset", dataclasses.replace(long_mixed, data="random"))]
+    schedule = [(f"{k * steps} steps" + (f", {100 * mix:g}% general pairs" if mix else ""),
+                 dataclasses.replace(default, steps=k * steps, mix_ratio=mix))
+                for k in (SCHEDULE_STEPS[:2] if quick else SCHEDULE_STEPS) for mix in (0.0, mix_ratios[-1])]
     plan = {
         "strategy": [(s, dataclasses.replace(default, strategy=s, gated_layers=default.gated_layers
                                              if s in GATED_STRATEGIES else 0)) for s in STRATEGY_ORDER],
@@ -130,6 +145,7 @@ def plan_study(config: DemoConfig, quick: bool = False, ablations=ABLATIONS) -> 
         "size": [(f"{n} per class", dataclasses.replace(default, per_class=n)) for n in size_points],
         "layers": [(f"{n} of {depth}", dataclasses.replace(default, gated_layers=n)) for n in layer_points],
         "forgetting": forgetting,
+        "schedule": schedule,
     }
     return {name: plan[name] for name in ABLATIONS if name in ablations}
 
@@ -180,37 +196,76 @@ def training_set(study_dir: Path, kb: Path, run: Run, config: DemoConfig,
 
 
 # --- runs ----------------------------------------------------------------------------------------
-def scores_of(model_spec: str, study_dir: Path, out: Path, config: DemoConfig) -> tuple[dict, float]:
-    """Zero-shot score (percent) of one model on every target and control task, and the seconds it took."""
+def scores_of(model_spec: str, study_dir: Path, out: Path, config: DemoConfig,
+              split: str = "eval") -> tuple[dict, float]:
+    """Zero-shot score (percent) of one model on every target and control task (on the test sets, or
+    on the validation sets with split="val"), and the seconds it took."""
     from .evaluate import evaluate
 
-    results = evaluate([model_spec], TASKS, data=str(study_dir / "world"), out=out, workers=config.workers)
+    results = evaluate([model_spec], TASKS, data=str(study_dir / "world"), out=out, workers=config.workers,
+                       split=split)
     label = model_spec.split("=", 1)[0]
     return {t: round(100 * results["zero_shot"][t][label]["score"], 2) for t in TASKS}, results["seconds"]
 
 
 def do_run(study_dir: Path, kb: Path, base: Path, run: Run, config: DemoConfig,
-           subset_size: Callable[[], int]) -> dict:
-    """Train and evaluate one run, or read its result if it exists (that is what makes the study resumable)."""
+           subset_size: Callable[[], int], validate: bool = False) -> dict:
+    """Train and evaluate one run, or read its result if it exists (that is what makes the study resumable).
+    `validate`: also score it on the validation sets (the schedule ablation chooses on them)."""
     from .train import train
 
     run_dir = study_dir / "runs" / run.key
+    model = f"run=@{run_dir / 'model.pt'}"
     if (run_dir / "result.json").is_file():
-        return read_json(run_dir / "result.json")
+        result = read_json(run_dir / "result.json")
+        if validate and "val_scores" not in result:  # finished before it was a schedule candidate
+            result["val_scores"] = scores_of(model, study_dir, run_dir / "val_eval", config, "val")[0]
+            write_json(result, run_dir / "result.json")
+        return result
     shards, pairs = training_set(study_dir, kb, run, config, subset_size)
     resume = "latest" if any((run_dir / "checkpoints").glob("step_*.pt")) else None
     summary = train(str(shards), None, str(base), run_dir, strategy=run.strategy, steps=run.steps,
                     batch_size=config.batch, precision=config.precision, seed=run.seed, workers=config.workers,
                     gated_layers_spec=run.gated_layers or None, mix_ratio=run.mix_ratio,
                     mix_shards=str(study_dir / "world" / "pretrain") if run.mix_ratio else None, resume=resume)
-    scores, eval_seconds = scores_of(f"run=@{run_dir / 'model.pt'}", study_dir, run_dir / "eval", config)
+    scores, eval_seconds = scores_of(model, study_dir, run_dir / "eval", config)
     result = {"key": run.key, "seed": run.seed, "config": {**asdict(run), "lr": summary["args"]["lr"],
                                                            "batch_size": config.batch},
               "scores": scores, "train_pairs": pairs, "trainable_params": summary["trainable_params"],
               "gates": summary["final_gates"], "final_loss": summary["final_loss"],
               "seconds": {"train": round(summary["time_s"], 1), "eval": eval_seconds}}
+    if validate:
+        result["val_scores"], val_seconds = scores_of(model, study_dir, run_dir / "val_eval", config, "val")
+        result["seconds"]["eval"] = round(eval_seconds + val_seconds, 2)
     write_json(result, run_dir / "result.json")
     return read_json(run_dir / "result.json")  # as a resumed study reads it (JSON keys: layer numbers as strings)
+
+
+def choose_schedule(points: list[tuple[str, Run]], records: dict[str, dict], base_val: dict) -> dict:
+    """The schedule the demo should use, chosen on the validation sets by a rule fixed before any
+    run: the largest mean target gain over base among the schedules whose every control task stays
+    within CONTROL_TOLERANCE points of base (mean over the seeds done). `chosen` is None until every
+    candidate has a finished run, or when none keeps the controls."""
+    candidates = []
+    for label, run in points:
+        done = [r for r in records.values() if _setting(r["key"]) == _setting(run.key)]
+        if not done:
+            continue
+        val = {t: float(np.mean([r["val_scores"][t] for r in done])) for t in TASKS}
+        candidates.append({"label": label, "steps": run.steps, "mix_ratio": run.mix_ratio, "seeds": len(done),
+                           "val_target_change": round(float(np.mean([val[t] - base_val[t] for t in TARGET_TASKS])), 3),
+                           "val_worst_control_change": round(min(val[t] - base_val[t] for t in CONTROL_TASKS), 3)})
+    eligible = [c for c in candidates if c["val_worst_control_change"] >= -CONTROL_TOLERANCE]
+    complete = len(candidates) == len(points)
+    chosen = max(eligible, key=lambda c: c["val_target_change"]) if eligible and complete else None
+    return {"rule": f"largest mean target gain on the validation sets among the schedules that keep every "
+                    f"control task within {CONTROL_TOLERANCE:g} points of base there",
+            "candidates": candidates, "complete": complete, "chosen": chosen and chosen["label"]}
+
+
+def _setting(key: str) -> str:
+    """A run key without its seed: the runs of one table row."""
+    return key.rsplit("_seed", 1)[0]
 
 
 # --- tables --------------------------------------------------------------------------------------
@@ -270,6 +325,7 @@ TABLE_TITLES = {
     "size": ("Retrieval size (gated-image)", "retrieved per class"),
     "layers": ("Number of gated layers (the last N image layers)", "gated layers"),
     "forgetting": ("Bounding forgetting (gated-image)", "setting"),
+    "schedule": ("Customization schedule, test sets (gated-image; chosen on the validation sets, below)", "schedule"),
 }
 
 
@@ -291,13 +347,24 @@ def markdown_table(ablation: str, rows: list[dict], kb_size: int) -> list[str]:
     return lines
 
 
+def schedule_lines(choice: dict) -> list[str]:
+    """The validation-set figures the schedule was chosen on, and the choice."""
+    lines = [f"Chosen on the validation sets ({choice['rule']}): "
+             + (f"**{choice['chosen']}**" if choice["chosen"] else
+                "none yet (not every schedule has run)" if not choice["complete"] else "none keeps the controls"),
+             "", "| schedule | seeds | val Δ target | val worst Δ control |", "|---|---|---|---|"]
+    lines += [f"| {c['label']} | {c['seeds']} | {c['val_target_change']:+.1f} | {c['val_worst_control_change']:+.1f} |"
+              for c in choice["candidates"]]
+    return lines
+
+
 def gates_table(records: list[dict], depth: int) -> list[str]:
     """|tanh(alpha)| per gated layer after training (attention / dense gate), mean over seeds:
     a gate's sign is arbitrary (the block's output can flip with it), its size says how far it opened."""
     by_setting: dict[str, list[dict]] = {}
     for r in records:
         if r["gates"]:
-            by_setting.setdefault(r["key"].rsplit("_seed", 1)[0], []).append(r["gates"])
+            by_setting.setdefault(_setting(r["key"]), []).append(r["gates"])
     lines = ["### Gate openings after training, |tanh(alpha)| attention / dense, mean over seeds", "",
              "| run | " + " | ".join(f"layer {i}" for i in range(depth)) + " |", "|" + "---|" * (depth + 1)]
     for setting, gates in sorted(by_setting.items()):
@@ -316,7 +383,7 @@ def build_tables(plan: dict, records: dict[str, dict], base_scores: dict) -> dic
     for ablation, points in plan.items():
         rows = [base_row(base_scores)]  # "before" in every table, so forgetting reads off each one
         for label, run in points:
-            done = [r for r in records.values() if r["key"].rsplit("_seed", 1)[0] == run.key.rsplit("_seed", 1)[0]]
+            done = [r for r in records.values() if _setting(r["key"]) == _setting(run.key)]
             if done:
                 rows.append(table_row(label, sorted(done, key=lambda r: r["seed"]), base_scores))
         tables[ablation] = rows
@@ -340,6 +407,8 @@ def write_study(study_dir: Path, summary: dict) -> None:
                 f"{task} {v['difference']:+.1f} points = "
                 + (f"{v['in_std']:+.1f} std" if v["in_std"] is not None else "n/a (one seed)")
                 for task, v in summary["retrieved_vs_random"].items()), ""]
+        if ablation == "schedule" and summary.get("schedule_choice"):
+            lines += schedule_lines(summary["schedule_choice"]) + [""]
     lines += gates_table(summary["runs"], summary["depth"]) + [""]
     figure = study_figure(summary)
     if figure is not None:
@@ -409,7 +478,8 @@ def _check_same_config(study_dir: Path, config: DemoConfig) -> None:
     """A study folder holds one config: resuming with another would mix runs that are not comparable."""
     path = study_dir / "study-config.json"
     settings = json.loads(json.dumps(asdict(config)))
-    settings["world"].pop("workers")
+    for unused in ("workers", "val_size"):  # change no run (validation sets are regenerated to match)
+        settings["world"].pop(unused)
     settings.pop("workers")
     if path.is_file():
         changed = sorted(k for k, v in read_json(path).items() if settings.get(k) != v)
@@ -423,7 +493,7 @@ def _check_same_config(study_dir: Path, config: DemoConfig) -> None:
 def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: DemoConfig | None = None,
               seeds: int = 3, *, ablations=ABLATIONS, cache_dir: str | Path | None = "~/.cache/react-vl") -> dict:
     """Run (or resume) every ablation for `seeds` customization seeds; return what STUDY/study.json holds."""
-    config = config or DemoConfig()
+    config = config or DemoConfig(**STUDY_SCHEDULE)
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     study_dir = Path(out)
@@ -438,6 +508,10 @@ def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: D
             write_json(scores_of(f"base=@{base}", study_dir, study_dir / "base_eval", config)[0],
                        study_dir / "base_scores.json")
         base_scores = read_json(study_dir / "base_scores.json")
+        if not (study_dir / "base_val_scores.json").is_file():
+            write_json(scores_of(f"base=@{base}", study_dir, study_dir / "base_val_eval", config, "val")[0],
+                       study_dir / "base_val_scores.json")
+        base_val_scores = read_json(study_dir / "base_val_scores.json")
 
     default_retrieved = Run(mode=config.retrieve_mode, per_class=config.per_class)
 
@@ -449,20 +523,23 @@ def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: D
         for points in plan.values():
             for _, run in points:
                 unique.setdefault(dataclasses.replace(run, seed=seed).key, dataclasses.replace(run, seed=seed))
+    candidates = {_setting(run.key) for _, run in plan.get("schedule", [])}
     records: dict[str, dict] = {}
     summary = {}
     for run in tqdm(unique.values(), desc="study", unit="run"):
         tqdm.write(f"\n== run {len(records) + 1}/{len(unique)}: {run.key}")
-        records[run.key] = do_run(study_dir, kb, base, run, config, subset_size)
+        records[run.key] = do_run(study_dir, kb, base, run, config, subset_size,
+                                  validate=_setting(run.key) in candidates)
         tables = build_tables(plan, records, base_scores)
         subset = {row["label"]: row for row in tables.get("subset", [])}
         summary = {
             "settings": {**asdict(config), "quick": quick, "ablations": list(plan)},
             "seeds": list(range(config.seed, config.seed + seeds)), "depth": _depth(config.model),
-            "base": {"scores": base_scores, "model": str(base)},
+            "base": {"scores": base_scores, "val_scores": base_val_scores, "model": str(base)},
             "tables": tables,
             "retrieved_vs_random": gain_in_seed_std(subset["retrieved"], subset["random"])
             if {"retrieved", "random"} <= set(subset) else None,
+            "schedule_choice": choose_schedule(plan["schedule"], records, base_val_scores) if "schedule" in plan else None,
             "runs": list(records.values()), "runs_done": len(records), "runs_planned": len(unique),
             "run_seconds": round(sum(r["seconds"]["train"] + r["seconds"]["eval"] for r in records.values()), 1),
             "stages": clock.seconds, "seconds": round(time.time() - started, 1), "versions": _versions(),

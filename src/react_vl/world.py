@@ -7,7 +7,9 @@ role of an object, and *rendering styles* play the role of domains: "photo" domi
 colour at night); control tasks ask for the dominant one, to measure forgetting.
 
 Layout written (docs/DESIGN.md): WORLD/world.json, WORLD/{pretrain,kb}/*.tar,
-WORLD/eval/<task>/*.tar and WORLD/tasks/<task>.json. Every shard has its own seed, derived
+WORLD/eval/<task>/*.tar (the test sets), WORLD/val/<task>/*.tar (validation sets, drawn like the
+test sets from streams of their own, for choosing settings without looking at the test sets) and
+WORLD/tasks/<task>.json. Every shard has its own seed, derived
 from (world seed, stream, shard number), so the bytes do not depend on the worker count, and a
 shard that exists is complete (written atomically), which makes generation resume-safe.
 """
@@ -109,6 +111,7 @@ class WorldConfig:
     pretrain_size: int = 100_000
     kb_size: int = 100_000
     eval_size: int = 1_000  # per task, classes balanced
+    val_size: int = 1_000  # per task, like eval_size, from other seeds: for choosing settings
     pretrain_styles: dict = field(default_factory=lambda: {"photo": 0.94, "sketch": 0.02, "night": 0.02, "pixel": 0.02})
     kb_styles: dict = field(default_factory=lambda: {"photo": 0.91, "sketch": 0.03, "night": 0.03, "pixel": 0.03})
     noise_rate: float = 0.10  # share of captions that are mismatched or irrelevant alt-text junk
@@ -126,7 +129,7 @@ class WorldConfig:
                 raise ValueError(f"WorldConfig.{name}: shares must be >= 0 and sum to 1, got {shares}")
         if not 0 <= self.noise_rate <= 1:
             raise ValueError(f"WorldConfig.noise_rate must be in [0, 1], got {self.noise_rate}")
-        for name in ("pretrain_size", "kb_size", "eval_size"):
+        for name in ("pretrain_size", "kb_size", "eval_size", "val_size"):
             if getattr(self, name) < 0:
                 raise ValueError(f"WorldConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.shard_size < 1 or self.image_size < 16:
@@ -382,14 +385,15 @@ def _run_jobs(jobs: list[dict], workers: int):
 
 def _jobs(out_dir: Path, config: WorldConfig) -> list[dict]:
     common = {"seed": config.seed, "image_size": config.image_size, "shard_size": config.shard_size}
-    plan = [("pretrain", "pretrain", config.pretrain_size, config.pretrain_styles, config.noise_rate, None),
-            ("kb", "kb", config.kb_size, config.kb_styles, config.noise_rate, None)]
+    # (folder, seed stream, shard prefix, pairs, style shares, noise rate, task)
+    plan = [("pretrain", "pretrain", "pretrain", config.pretrain_size, config.pretrain_styles, config.noise_rate, None),
+            ("kb", "kb", "kb", config.kb_size, config.kb_styles, config.noise_rate, None)]
     for name, spec in MINI_TASKS.items():
-        plan.append((f"eval/{name}", name, config.eval_size, {spec["style"]: 1.0}, 0.0,
-                     {"name": name, "attribute": spec["attribute"]}))
+        task = {"name": name, "attribute": spec["attribute"]}
+        plan.append((f"eval/{name}", name, "eval", config.eval_size, {spec["style"]: 1.0}, 0.0, task))
+        plan.append((f"val/{name}", f"val-{name}", "val", config.val_size, {spec["style"]: 1.0}, 0.0, task))
     jobs = []
-    for folder, stream, total, styles, noise_rate, task in plan:
-        prefix = "eval" if task else stream
+    for folder, stream, prefix, total, styles, noise_rate, task in plan:
         for shard, start in enumerate(range(0, total, config.shard_size)):
             jobs.append({**common, "corpus": folder, "stream": stream, "shard": shard,
                          "count": min(config.shard_size, total - start), "styles": styles,
@@ -421,14 +425,17 @@ def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None
     world_json = out_dir / "world.json"
     if world_json.exists():
         previous = read_json(world_json).get("config", {})
+        # The worker count changes no byte; the validation sets are regenerated to match val_size
+        # (a world made before they existed gets them) and no other shard depends on them.
         changed = sorted(k for k, v in json.loads(json.dumps(asdict(config))).items()
-                         if k != "workers" and previous.get(k) != v)  # the worker count changes no byte
+                         if k not in ("workers", "val_size") and previous.get(k) != v)
         if changed:
             raise ValueError(f"{world_json} was generated with a different config ({', '.join(changed)}); "
                              f"use another --out folder or delete {out_dir}")
     write_json({"config": asdict(config), "complete": False}, world_json)  # claims the folder
     for name in MINI_TASKS:
-        write_json({**get_task(name).to_dict(), "eval": f"eval/{name}"}, out_dir / "tasks" / f"{name}.json")
+        write_json({**get_task(name).to_dict(), "eval": f"eval/{name}", "val": f"val/{name}"},
+                   out_dir / "tasks" / f"{name}.json")
 
     jobs = _jobs(out_dir, config)
     workers = config.workers or os.cpu_count() or 1
