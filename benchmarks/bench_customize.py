@@ -46,7 +46,8 @@ def measure(model_name: str, variant: str, batch: int, steps: int, precision: st
 
     from react_vl.loss import UniCLLoss
     from react_vl.strategies import build_model, set_trainable
-    from react_vl.train import attention_kernels, autocast_dtype, make_optimizer
+    from react_vl.train import attention_kernels, make_optimizer
+    from react_vl.utils import autocast_dtype
 
     torch.manual_seed(0)
     strategy = variant.removesuffix("-ckpt").removesuffix("-graph").removesuffix("-flash")

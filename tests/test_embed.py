@@ -106,7 +106,7 @@ def test_embed_writes_normalised_kb_and_counts_skips(tmp_path):
     (tmp_path / "c" / "kb-000003.tar").write_bytes(b"not a tar file at all" * 50)
 
     summary = embed_corpus(str(tmp_path / "c"), MODEL, None, tmp_path / "kb", batch_size=4, workers=2,
-                           progress=False)
+                           precision="fp32", progress=False)
     kb = KnowledgeBase(tmp_path / "kb")
     assert kb.parts == [0, 1, 2, 3] and kb.info["model"] == MODEL and kb.info["dim"] == 32
     metadata = kb.metadata()
@@ -134,7 +134,24 @@ def test_embed_writes_normalised_kb_and_counts_skips(tmp_path):
                                atol=2e-3)
 
     with pytest.raises(ValueError, match="part 0 was made with"):  # resuming with another dtype is refused
-        embed_corpus(str(tmp_path / "c"), MODEL, None, tmp_path / "kb", dtype="float32", progress=False)
+        embed_corpus(str(tmp_path / "c"), MODEL, None, tmp_path / "kb", dtype="float32", precision="fp32",
+                     progress=False)
+    with pytest.raises(ValueError, match="'autocast': 'off'.*'autocast': 'bfloat16'"):  # or another autocast
+        embed_corpus(str(tmp_path / "c"), MODEL, None, tmp_path / "kb", precision="bf16", progress=False)
+
+
+def test_bf16_autocast_embeddings_agree_with_fp32_and_say_how_they_were_made(tmp_path):
+    make_shards(tmp_path / "c", 1, 16)
+    kbs = {}
+    for precision in ("fp32", "bf16"):
+        summary = embed_corpus(str(tmp_path / "c"), MODEL, None, tmp_path / precision, batch_size=8, workers=0,
+                               precision=precision, progress=False)
+        assert summary["autocast"] == {"fp32": "off", "bf16": "bfloat16"}[precision]
+        kbs[precision] = KnowledgeBase(tmp_path / precision)
+    for kind in ("image_embeddings", "text_embeddings"):
+        exact, low = (getattr(kbs[p], kind)().astype(np.float32) for p in ("fp32", "bf16"))
+        cosines = (exact * low).sum(axis=1)
+        assert cosines.min() > 0.99 and not np.array_equal(exact, low), (kind, cosines.min())
 
 
 def test_resume_after_sigkill_gives_identical_kb(tmp_path):

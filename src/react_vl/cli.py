@@ -70,6 +70,11 @@ def tasks(name):
     click.echo(json.dumps(task.to_dict(), indent=2))
 
 
+precision_option = click.option(
+    "--precision", default="auto", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    help="Autocast precision; auto = bf16 (fp16 on GPUs without bf16; fp32 on CPUs without native bf16).")
+
+
 # --- embed -------------------------------------------------------------------------------------
 @main.command()
 @click.argument("corpus", nargs=-1, required=True)
@@ -80,11 +85,12 @@ def tasks(name):
 @click.option("--workers", default=4, help="DataLoader worker processes that read and decode shards.")
 @click.option("--dtype", type=click.Choice(["float16", "float32"]), default="float16", help="Stored embedding dtype.")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:N or auto.")
+@precision_option
 @click.option("--caption-column", default="caption", help="Parquet corpora: the caption column.")
 @click.option("--image-column", default="image", help="Parquet corpora: column with image bytes or paths.")
 @click.option("--key-column", default="key", help="Parquet corpora: the key column (row number if absent).")
-def embed(corpus, model_name, pretrained, out, batch_size, workers, dtype, device, caption_column, image_column,
-          key_column):
+def embed(corpus, model_name, pretrained, out, batch_size, workers, dtype, device, precision, caption_column,
+          image_column, key_column):
     """Embed an image-text corpus into a clip-retrieval style knowledge base.
 
     CORPUS: webdataset shards (paths, brace patterns, globs, fsspec URLs), parquet files, or
@@ -94,7 +100,7 @@ def embed(corpus, model_name, pretrained, out, batch_size, workers, dtype, devic
     from .data import ParquetColumns
     from .embed import embed_corpus
     summary = embed_corpus(list(corpus), model_name, pretrained, out, batch_size=batch_size, workers=workers,
-                           dtype=dtype, device=device,
+                           dtype=dtype, device=device, precision=precision,
                            columns=ParquetColumns(caption_column, image_column, key_column))
     if summary:
         click.echo(f"{summary['count']} pairs in {out} ({summary['skipped_total']} skipped; "
@@ -207,8 +213,7 @@ def materialize(retrieved, out, kb, maxcount, no_download):
 @click.option("--warmup", type=int, default=None, help="Linear warm-up steps before the cosine decay; default 5% "
               "of the steps.")
 @click.option("--grad-clip", type=float, default=1.0, help="Gradient-norm clip; 0 turns it off.")
-@click.option("--precision", default="auto", type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
-              help="Autocast precision; auto = bf16 (fp16 on GPUs without bf16; fp32 on CPUs without native bf16).")
+@precision_option
 @click.option("--augment/--no-augment", default=False, help="The paper's augmentation (RandAugment, random "
               "resized crop 0.08-1, colour jitter 0.4, random erasing 0.25).")
 @click.option("--train-logit-scale/--freeze-logit-scale", default=True, help="Train the temperature (the public "

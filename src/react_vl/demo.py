@@ -127,7 +127,8 @@ def prepare(demo_dir: Path, config: DemoConfig, cache_dir: Path | None, clock: "
         base = pretrain_base(demo_dir, config, cache_dir)
     kb = demo_dir / "kb"
     with clock("embed", "embed the knowledge base with the base model"):
-        embed_corpus(str(demo_dir / "world" / "kb"), None, str(base), kb, workers=config.workers)
+        embed_corpus(str(demo_dir / "world" / "kb"), None, str(base), kb, workers=config.workers,
+                     precision=config.precision)
     with clock("index", "build and tune the FAISS indexes"):
         build_indexes(kb)
     return base, kb

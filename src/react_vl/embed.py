@@ -28,7 +28,7 @@ from tqdm import tqdm
 from .data import ParquetColumns, SkipLog, decode_image, list_shards, read_shard
 from .kb import finished_parts, make_ids, write_info, write_part
 from .models import load_model
-from .utils import resolve_device, write_json
+from .utils import autocast_dtype, resolve_device, write_json
 
 PART_META_KEY = b"react_vl"  # parquet schema metadata of each part: model, shard, skips
 
@@ -81,13 +81,13 @@ def _part_record(kb_dir: Path, part: int) -> dict:
     return json.loads((schema.metadata or {}).get(PART_META_KEY, b"{}"))
 
 
-def _check_resumable(kb_dir: Path, done: list[int], shards: list[str], model: str, pretrained, dtype: str):
-    """Refuse to mix parts from another model, dtype or corpus into one KB."""
+def _check_resumable(kb_dir: Path, done: list[int], shards: list[str], made_with: dict):
+    """Refuse to mix parts from another model, dtype, autocast or corpus into one KB."""
     for part in done:
         record = _part_record(kb_dir, part)
-        want = {"model": model, "pretrained": pretrained, "dtype": dtype,
-                "shard": shards[part] if part < len(shards) else None}
-        have = {k: record.get(k) for k in want}
+        want = {**made_with, "shard": shards[part] if part < len(shards) else None}
+        # parts from before react-vl recorded the autocast are taken as they are
+        have = {k: record.get(k, want[k] if k == "autocast" else None) for k in want}
         if have != want:
             raise ValueError(f"{kb_dir}: part {part} was made with {have}, this run asks for {want}; "
                              f"use another --out folder (or delete {kb_dir}) to start over")
@@ -123,9 +123,10 @@ def _encode(model, images: torch.Tensor, texts: torch.Tensor, device) -> tuple[n
 
 def embed_corpus(corpus: str | list[str], model: str | None, pretrained: str | None, out: str | Path,
                  batch_size: int = 256, workers: int = 4, dtype: str = "float16", device: str = "auto",
-                 columns: ParquetColumns | None = None, progress: bool = True) -> dict:
+                 precision: str = "auto", columns: ParquetColumns | None = None, progress: bool = True) -> dict:
     """Embed every pair of `corpus` with an open_clip model into the KB folder `out`.
 
+    dtype: how embeddings are stored; precision: the autocast the models run under (utils.autocast_dtype).
     Returns the summary (also written to out/embed_summary.json by rank 0).
     """
     if dtype not in ("float16", "float32"):
@@ -139,13 +140,15 @@ def embed_corpus(corpus: str | list[str], model: str | None, pretrained: str | N
     device = resolve_device(device)
     torch.manual_seed(0)  # randomly initialised models (no --pretrained) must agree across resumes and ranks
     clip, preprocess, tokenizer = load_model(model, pretrained, device=device)
-    model_name = clip.react_vl["model"]
+    amp_dtype = autocast_dtype(precision, device)
+    made_with = {"model": clip.react_vl["model"], "pretrained": pretrained, "dtype": dtype,
+                 "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else "off"}
     with torch.inference_mode():  # the embedding width, for shards with no usable pair
         dim = clip.encode_text(tokenizer(["a"]).to(device)).shape[-1]
 
     mine = list(range(rank, len(shards), world_size))
     done = [p for p in finished_parts(kb_dir) if p in mine]
-    _check_resumable(kb_dir, done, shards, model_name, pretrained, dtype)
+    _check_resumable(kb_dir, done, shards, made_with)
     todo = [p for p in mine if p not in done]
     _remove_stale_temp_files(kb_dir, todo)
 
@@ -156,7 +159,7 @@ def embed_corpus(corpus: str | list[str], model: str | None, pretrained: str | N
     pairs_done = parts_done = 0
     bar = tqdm(desc=f"embed (rank {rank})" if world_size > 1 else "embed", unit="pair",
                disable=not progress or not todo, dynamic_ncols=True)
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         for batch in loader:
             part = batch["part"]
             chunks = open_parts.setdefault(part, [])
@@ -165,8 +168,7 @@ def embed_corpus(corpus: str | list[str], model: str | None, pretrained: str | N
                 pairs_done += len(batch["pairs"])
                 bar.update(len(batch["pairs"]))
             if batch["done"]:
-                _finish_part(kb_dir, part, shards[part], open_parts.pop(part), batch["skips"], dim, dtype,
-                             model_name, pretrained)
+                _finish_part(kb_dir, part, shards[part], open_parts.pop(part), batch["skips"], dim, made_with)
                 parts_done += 1
                 bar.total = round(pairs_done / parts_done * len(todo))  # an estimate, for the ETA
                 bar.refresh()
@@ -177,7 +179,7 @@ def embed_corpus(corpus: str | list[str], model: str | None, pretrained: str | N
     if world_size > 1:
         all_stats = [None] * world_size
         dist.all_gather_object(all_stats, rank_stats)  # also the barrier before rank 0 reads all parts
-    summary = _summarize(kb_dir, shards, corpus, model_name, pretrained, dtype, all_stats) if rank == 0 else None
+    summary = _summarize(kb_dir, shards, corpus, made_with, all_stats) if rank == 0 else None
     if world_size > 1:
         dist.barrier()
     if own_group:
@@ -185,17 +187,16 @@ def embed_corpus(corpus: str | list[str], model: str | None, pretrained: str | N
     return summary
 
 
-def _finish_part(kb_dir, part, shard, chunks, skips, dim, dtype, model_name, pretrained):
+def _finish_part(kb_dir, part, shard, chunks, skips, dim, made_with):
     image_emb = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros((0, dim), np.float32)
     text_emb = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, dim), np.float32)
     rows = [row for c in chunks for row in c[2]]
-    record = {"model": model_name, "pretrained": pretrained, "dtype": dtype, "shard": shard,
-              "pairs": len(rows), "skipped": skips}
-    write_part(kb_dir, part, image_emb.astype(dtype), text_emb.astype(dtype),
+    record = {**made_with, "shard": shard, "pairs": len(rows), "skipped": skips}
+    write_part(kb_dir, part, image_emb.astype(made_with["dtype"]), text_emb.astype(made_with["dtype"]),
                _metadata_table(part, shard, rows, record))
 
 
-def _summarize(kb_dir, shards, corpus, model_name, pretrained, dtype, rank_stats) -> dict:
+def _summarize(kb_dir, shards, corpus, made_with, rank_stats) -> dict:
     """kb.json and embed_summary.json from every finished part (this run's and earlier runs')."""
     parts = finished_parts(kb_dir)
     records = {part: _part_record(kb_dir, part) for part in parts}
@@ -206,12 +207,13 @@ def _summarize(kb_dir, shards, corpus, model_name, pretrained, dtype, rank_stats
     dim = int(np.load(kb_dir / "img_emb" / f"img_emb_{parts[0]}.npy", mmap_mode="r").shape[1]) if parts else None
     missing = sorted(set(range(len(shards))) - set(parts))
     if not missing:
-        write_info(kb_dir, model=model_name, pretrained=pretrained, dim=dim, dtype=dtype, count=count,
-                   parts=len(shards), corpus=corpus if isinstance(corpus, str) else list(corpus))
+        write_info(kb_dir, model=made_with["model"], pretrained=made_with["pretrained"], dim=dim,
+                   dtype=made_with["dtype"], count=count, parts=len(shards),
+                   corpus=corpus if isinstance(corpus, str) else list(corpus))
     pairs_this_run = sum(s["pairs"] for s in rank_stats)
     seconds = max(s["seconds"] for s in rank_stats)
     summary = {
-        "model": model_name, "pretrained": pretrained, "dtype": dtype, "dim": dim,
+        **made_with, "dim": dim,
         "count": count, "parts": len(parts), "shards": len(shards), "missing_parts": missing,
         "skipped_total": skips.total(), "skipped": skips.to_dict(),
         "this_run": {"pairs": pairs_this_run, "seconds": round(seconds, 3),

@@ -42,7 +42,7 @@ from .gated import gate_values, gated_layers
 from .loss import UniCLLoss, caption_ids
 from .models import CHECKPOINT_META_KEY, save_model
 from .strategies import GATED_STRATEGIES, build_model, set_trainable
-from .utils import atomic_path, atomic_save, read_json, resolve_device, write_json
+from .utils import atomic_path, atomic_save, autocast_dtype, read_json, resolve_device, write_json
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 COUNT_KEYS = ("count", "samples", "num_samples")
@@ -232,31 +232,12 @@ def make_optimizer(model, lr: float, weight_decay: float, gate_lr_scale: float =
                              fused=True)
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """auto: bf16 autocast on GPUs that support it (fp16 on older ones) and on CPUs with native
-    bf16 instructions; fp32 on other CPUs, where emulated bf16 is slower (2.5x measured here on
-    an AVX-512 Xeon without avx512_bf16). fp32 turns autocast off."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if _cpu_has_native_bf16() else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def attention_kernels(device: torch.device):
     """The scaled-dot-product-attention kernels a training step may use. On CPU only the plain
     math kernel: PyTorch's CPU flash-attention backward is slow at a ViT's short sequences (in
     mini-vit's 17 tokens, 8x its own forward), and the math kernel made a gated-image step 20%
     faster (benchmarks/bench_customize.py, variant gated-image-flash). GPUs keep the fused kernels."""
     return sdpa_kernel([SDPBackend.MATH]) if device.type == "cpu" else contextlib.nullcontext()
-
-
-def _cpu_has_native_bf16() -> bool:
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: stay with fp32
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 # --- checkpoints -------------------------------------------------------------------------------

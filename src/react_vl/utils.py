@@ -1,4 +1,4 @@
-"""Small helpers every stage shares: atomic writes, JSON summaries, device choice.
+"""Small helpers every stage shares: atomic writes, JSON summaries, device and precision choice.
 
 torch is imported where it is used, so the world generator and the CLI start without it.
 """
@@ -74,3 +74,25 @@ def resolve_device(device: str | None = None) -> "torch.device":
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def autocast_dtype(precision: str, device: "torch.device") -> "torch.dtype | None":
+    """The autocast dtype of a --precision (auto, fp32, bf16, fp16) on `device`. auto: bf16 on GPUs
+    that support it (fp16 on older ones) and on CPUs with native bf16 instructions; fp32 on other
+    CPUs, where emulated bf16 is slower (2.5x measured here on an AVX-512 Xeon without
+    avx512_bf16). fp32 turns autocast off."""
+    import torch
+
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if _cpu_has_native_bf16() else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _cpu_has_native_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: stay with fp32
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
