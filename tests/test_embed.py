@@ -148,6 +148,7 @@ def test_bf16_autocast_embeddings_agree_with_fp32_and_say_how_they_were_made(tmp
                                precision=precision, progress=False)
         assert summary["autocast"] == {"fp32": "off", "bf16": "bfloat16"}[precision]
         kbs[precision] = KnowledgeBase(tmp_path / precision)
+        assert kbs[precision].info["autocast"] == summary["autocast"]  # retrieval embeds eval sets alike
     for kind in ("image_embeddings", "text_embeddings"):
         exact, low = (getattr(kbs[p], kind)().astype(np.float32) for p in ("fp32", "bf16"))
         cosines = (exact * low).sum(axis=1)

@@ -207,8 +207,7 @@ def _summarize(kb_dir, shards, corpus, made_with, rank_stats) -> dict:
     dim = int(np.load(kb_dir / "img_emb" / f"img_emb_{parts[0]}.npy", mmap_mode="r").shape[1]) if parts else None
     missing = sorted(set(range(len(shards))) - set(parts))
     if not missing:
-        write_info(kb_dir, model=made_with["model"], pretrained=made_with["pretrained"], dim=dim,
-                   dtype=made_with["dtype"], count=count, parts=len(shards),
+        write_info(kb_dir, **made_with, dim=dim, count=count, parts=len(shards),
                    corpus=corpus if isinstance(corpus, str) else list(corpus))
     pairs_this_run = sum(s["pairs"] for s in rank_stats)
     seconds = max(s["seconds"] for s in rank_stats)

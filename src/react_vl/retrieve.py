@@ -112,8 +112,9 @@ def eval_embeddings(eval_set: str | Path, kb: KnowledgeBase) -> np.ndarray:
     else:
         from .embed import embed_corpus
         with tempfile.TemporaryDirectory() as tmp:
+            precision = {"bfloat16": "bf16", "float16": "fp16"}.get(kb.info.get("autocast"), "fp32")  # as the KB's
             embed_corpus(str(path), kb.info["model"], kb.info.get("pretrained"), tmp, dtype="float32",
-                         workers=0, progress=False)
+                         precision=precision, workers=0, progress=False)
             emb = np.array(KnowledgeBase(tmp).image_embeddings(), dtype=np.float32)
     if emb.ndim != 2 or emb.shape[1] != kb.dim:
         raise ValueError(f"evaluation embeddings {path} have shape {emb.shape}; the KB's dimension is {kb.dim}")

@@ -235,8 +235,9 @@ def make_optimizer(model, lr: float, weight_decay: float, gate_lr_scale: float =
 def attention_kernels(device: torch.device):
     """The scaled-dot-product-attention kernels a training step may use. On CPU only the plain
     math kernel: PyTorch's CPU flash-attention backward is slow at a ViT's short sequences (in
-    mini-vit's 17 tokens, 8x its own forward), and the math kernel made a gated-image step 20%
-    faster (benchmarks/bench_customize.py, variant gated-image-flash). GPUs keep the fused kernels."""
+    mini-vit's 17 tokens, 8x its own forward); with the math kernel 60 gated-image steps of the
+    demo took 31 s instead of 36-38 s, same loss (benchmarks/bench_customize.py compares the two
+    as gated-image vs gated-image-flash). GPUs keep the fused kernels."""
     return sdpa_kernel([SDPBackend.MATH]) if device.type == "cpu" else contextlib.nullcontext()
 
 
