@@ -178,7 +178,7 @@ def test_cli_documents_the_time_and_refuses_bad_options(tmp_path):
 
     runner = CliRunner()
     help_text = runner.invoke(main, ["study", "--help"]).output
-    assert "--quick" in help_text and "2 h 40 min" in help_text and "30 min" in help_text
+    assert "--quick" in help_text and "2 h 57 min" in help_text and "35 min" in help_text
     # the CLI spells the ablation names out (importing study would load torch for --help): same list
     ablation_option = next(p for p in main.commands["study"].params if p.name == "ablations")
     assert tuple(ablation_option.type.choices) == ABLATIONS
