@@ -339,8 +339,9 @@ def study(out, quick, seeds, ablations, base_steps, base_batch):
     Strategy table (with trainable parameters), retrieved vs random vs oracle subsets of equal
     size, retrieval mode (t2t/t2i/both), retrieval size, number of gated layers, and forgetting
     (control tasks in every row, gate values per layer, mixing general pairs, fewer steps), and
-    the customization schedule chosen on the world's validation sets. The world, base model (shared with `react-vl demo` through its cache), KB and retrieval are
-    made once; seeds vary the customization. A killed study resumes: finished runs are kept.
+    the customization schedule chosen on the world's validation sets. The world, base model
+    (shared with `react-vl demo` through its cache), KB and retrieval are made once; seeds vary
+    the customization. A killed study resumes: finished runs are kept.
 
     Time on 2 CPU cores, measured with the base model cached: the full study (24 runs a seed,
     3 seeds) 2 h 57 min with native bf16; --quick (1 seed, 16 runs) about 35 min (30 min

@@ -510,10 +510,10 @@ def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: D
             write_json(scores_of(f"base=@{base}", study_dir, study_dir / "base_eval", config)[0],
                        study_dir / "base_scores.json")
         base_scores = read_json(study_dir / "base_scores.json")
-        if not (study_dir / "base_val_scores.json").is_file():
+        if "schedule" in plan and not (study_dir / "base_val_scores.json").is_file():  # what it chooses on
             write_json(scores_of(f"base=@{base}", study_dir, study_dir / "base_val_eval", config, "val")[0],
                        study_dir / "base_val_scores.json")
-        base_val_scores = read_json(study_dir / "base_val_scores.json")
+        base_val_scores = read_json(study_dir / "base_val_scores.json") if "schedule" in plan else None
 
     default_retrieved = Run(mode=config.retrieve_mode, per_class=config.per_class)
 
@@ -541,7 +541,8 @@ def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: D
             "tables": tables,
             "retrieved_vs_random": gain_in_seed_std(subset["retrieved"], subset["random"])
             if {"retrieved", "random"} <= set(subset) else None,
-            "schedule_choice": choose_schedule(plan["schedule"], records, base_val_scores) if "schedule" in plan else None,
+            "schedule_choice": choose_schedule(plan["schedule"], records, base_val_scores)
+            if "schedule" in plan else None,
             "runs": list(records.values()), "runs_done": len(records), "runs_planned": len(unique),
             "run_seconds": round(sum(r["seconds"]["train"] + r["seconds"]["eval"] for r in records.values()), 1),
             "stages": clock.seconds, "seconds": round(time.time() - started, 1), "versions": _versions(),
