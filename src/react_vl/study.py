@@ -125,19 +125,20 @@ def plan_study(config: DemoConfig, quick: bool = False, ablations=ABLATIONS) -> 
                          | {config.per_class})
     layer_points = sorted({1, default.gated_layers, depth}) if quick else range(1, depth + 1)
     steps, mix_ratios = config.steps, MIX_RATIOS[:1] if quick else MIX_RATIOS
-    forgetting = ([(f"{steps} steps", default)]
-                  + [(f"{steps} steps, {100 * r:g}% general pairs", dataclasses.replace(default, mix_ratio=r))
-                     for r in mix_ratios]
-                  + [(f"{steps // 3} steps", dataclasses.replace(default, steps=steps // 3))])
+
+    def schedule_point(n_steps: int, mix: float = 0.0) -> tuple[str, Run]:
+        """The default run at another schedule, labelled the way every table names it."""
+        label = f"{n_steps} steps" + (f", {100 * mix:g}% general pairs" if mix else "")
+        return label, dataclasses.replace(default, steps=n_steps, mix_ratio=mix)
+
+    forgetting = ([schedule_point(steps)] + [schedule_point(steps, r) for r in mix_ratios]
+                  + [schedule_point(steps // 3)])
     if not quick:  # 4x longer: does forgetting grow with training, does mixing still bound it, and
         # does the gain still come from retrieval (the random subset of the same size, trained alike)?
-        long = dataclasses.replace(default, steps=4 * steps)
-        long_mixed = dataclasses.replace(long, mix_ratio=mix_ratios[-1])
-        mixed = f"{long.steps} steps, {100 * long_mixed.mix_ratio:g}% general pairs"
-        forgetting += [(f"{long.steps} steps", long), (mixed, long_mixed),
+        mixed, long_mixed = schedule_point(4 * steps, mix_ratios[-1])
+        forgetting += [schedule_point(4 * steps), (mixed, long_mixed),
                        (f"{mixed}, random subset", dataclasses.replace(long_mixed, data="random"))]
-    schedule = [(f"{k * steps} steps" + (f", {100 * mix:g}% general pairs" if mix else ""),
-                 dataclasses.replace(default, steps=k * steps, mix_ratio=mix))
+    schedule = [schedule_point(k * steps, mix)
                 for k in (SCHEDULE_STEPS[:2] if quick else SCHEDULE_STEPS) for mix in (0.0, mix_ratios[-1])]
     plan = {
         "strategy": [(s, dataclasses.replace(default, strategy=s, gated_layers=default.gated_layers
@@ -250,7 +251,7 @@ def choose_schedule(points: list[tuple[str, Run]], records: dict[str, dict], bas
     candidate has a finished run, or when none keeps the controls."""
     candidates = []
     for label, run in points:
-        done = [r for r in records.values() if _setting(r["key"]) == _setting(run.key)]
+        done = _runs_of(run, records)
         if not done:
             continue
         val = {t: float(np.mean([r["val_scores"][t] for r in done])) for t in TASKS}
@@ -268,6 +269,11 @@ def choose_schedule(points: list[tuple[str, Run]], records: dict[str, dict], bas
 def _setting(key: str) -> str:
     """A run key without its seed: the runs of one table row."""
     return key.rsplit("_seed", 1)[0]
+
+
+def _runs_of(run: Run, records: dict[str, dict]) -> list[dict]:
+    """The finished runs of `run`'s table row, over every seed done."""
+    return [r for r in records.values() if _setting(r["key"]) == _setting(run.key)]
 
 
 # --- tables --------------------------------------------------------------------------------------
@@ -385,7 +391,7 @@ def build_tables(plan: dict, records: dict[str, dict], base_scores: dict) -> dic
     for ablation, points in plan.items():
         rows = [base_row(base_scores)]  # "before" in every table, so forgetting reads off each one
         for label, run in points:
-            done = [r for r in records.values() if _setting(r["key"]) == _setting(run.key)]
+            done = _runs_of(run, records)
             if done:
                 rows.append(table_row(label, sorted(done, key=lambda r: r["seed"]), base_scores))
         tables[ablation] = rows
