@@ -8,6 +8,7 @@ import pytest
 from conftest import TINY_WORLD
 from PIL import Image
 
+from react_vl.concepts import MINI_TASKS
 from react_vl.demo import CONTROL_TASKS, TARGET_TASKS, DemoConfig, _cache_key
 from react_vl.study import (
     ABLATIONS,
@@ -23,7 +24,6 @@ from react_vl.study import (
     study_figure,
     table_row,
 )
-from react_vl.world import MINI_TASKS
 
 # base_* as tests/conftest.py's tiny_trained_model was trained, which the study finds in its base cache
 TINY = DemoConfig(world=TINY_WORLD, model="mini-vit-test", base_steps=40, base_batch=64, base_lr=1e-3, per_class=8,

@@ -5,7 +5,7 @@ import yaml
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES
 
 from react_vl.tasks import METRICS, Task, get_task, list_tasks
-from react_vl.world import MINI_TASKS
+from react_vl.concepts import MINI_TASKS
 
 ELEVATER_METRICS = {  # docs: /work/shared/REFERENCE.md
     "cifar-10": "accuracy", "cifar-100": "accuracy", "country211": "accuracy", "dtd": "accuracy",

@@ -10,7 +10,8 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from react_vl.world import COLORS, MINI_TASKS, SHAPES, STYLE_WORDS, STYLES, WorldConfig, generate_world
+from react_vl.concepts import COLORS, MINI_TASKS, SHAPES, STYLE_WORDS, STYLES
+from react_vl.world import WorldConfig, generate_world
 
 SMALL = dict(pretrain_size=48, kb_size=48, eval_size=16, val_size=16, shard_size=24)
 

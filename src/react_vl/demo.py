@@ -24,7 +24,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .utils import read_json, write_json
-from .world import ATTRIBUTE_CLASSES, MINI_TASKS, WorldConfig
+from .concepts import ATTRIBUTE_CLASSES, MINI_TASKS
+from .world import WorldConfig
 
 TARGET_TASKS = [name for name, spec in MINI_TASKS.items() if spec["role"] == "target"]
 CONTROL_TASKS = [name for name, spec in MINI_TASKS.items() if spec["role"] == "control"]

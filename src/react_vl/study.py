@@ -60,7 +60,7 @@ from .demo import (
 )
 from .strategies import GATED_STRATEGIES
 from .utils import atomic_path, read_json, write_json
-from .world import ATTRIBUTE_CLASSES, MINI_TASKS
+from .concepts import ATTRIBUTE_CLASSES, MINI_TASKS
 
 ABLATIONS = ("strategy", "subset", "mode", "size", "layers", "forgetting", "schedule")
 STRATEGY_ORDER = ("locked-image", "locked-text", "full", "gated-image", "gated-image-text")

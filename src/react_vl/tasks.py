@@ -3,7 +3,7 @@
 REACT never looks at a task's images to retrieve: the class names filled into the templates are
 the queries. Built-in tasks are ImageNet-1k (open_clip's class names and the 80 OpenAI
 templates), the 20 ELEVATER datasets (task_data/benchmarks.json: clip-benchmark's lists; its
-`_origin` note says where each comes from) and the mini-world tasks (react_vl.world.MINI_TASKS).
+`_origin` note says where each comes from) and the mini-world tasks (react_vl.concepts.MINI_TASKS).
 Any other task is a YAML or JSON file with the same fields.
 """
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-from .world import ATTRIBUTE_CLASSES, MINI_TASKS
+from .concepts import ATTRIBUTE_CLASSES, MINI_TASKS
 
 # The evaluation stage computes these; names are shared with react_vl.metrics.
 METRICS = ("accuracy", "mean-per-class", "11-point-mAP", "roc-auc")
