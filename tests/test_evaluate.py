@@ -110,6 +110,8 @@ def test_corrupt_samples_and_shards_are_skipped_and_counted(tmp_path):
     assert len(features.skipped) == 2
     assert any("unreadable image" in reason and "bad" in reason for reason in features.skipped)
     assert any("eval-000002.tar" in reason for reason in features.skipped)
+    with pytest.raises(FileNotFoundError, match="eval-000003.tar"):  # a missing shard is named, not skipped
+        open_eval_data(str(shards / "eval-{000000..000004}.tar"), to_tensor)
 
 
 def test_class_folders_match_names_and_mismatches_say_where(tmp_path):

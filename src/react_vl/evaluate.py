@@ -30,7 +30,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import braceexpand
 import numpy as np
 import open_clip
 import torch
@@ -40,11 +39,11 @@ from tqdm import tqdm
 from webdataset.tariterators import tarfile_samples
 
 from . import metrics
+from .data import IMAGE_EXTS, list_shards
 from .models import load_model
 from .probe import few_shot_probe, stratified_split
 from .utils import atomic_path, resolve_device, write_json
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
 RECALL_KS = (1, 5, 10)
 
 
@@ -187,12 +186,6 @@ def _captioned_items(path: Path):
     return [(str(path.parent / image), -1, captions) for image, captions in pairs]
 
 
-def _shards_in(path: str) -> list[str]:
-    if os.path.isdir(path):
-        return sorted(str(p) for p in Path(path).glob("*.tar"))
-    return list(braceexpand.braceexpand(path))
-
-
 def open_eval_data(data: str, preprocess, classnames: list[str] | None = None) -> Dataset:
     """Open evaluation data of any supported layout as a dataset of sample records."""
     if data.startswith("clip_benchmark:"):
@@ -201,11 +194,7 @@ def open_eval_data(data: str, preprocess, classnames: list[str] | None = None) -
     if path.suffix in (".json", ".csv") and path.is_file():
         return FileSamples(_captioned_items(path), preprocess)
     if (path.is_dir() and any(path.glob("*.tar"))) or data.endswith(".tar") or "{" in data:
-        shards = _shards_in(data)
-        missing = [s for s in shards if not os.path.exists(s)]
-        if missing:
-            raise FileNotFoundError(f"evaluation shards not found: {missing[:5]} (from {data})")
-        return ShardSamples(shards, preprocess)
+        return ShardSamples(list_shards(data), preprocess)  # a missing shard: FileNotFoundError naming it
     if path.is_dir() and any(p.is_dir() for p in path.iterdir()):
         return FileSamples(_class_folder_items(path, classnames), preprocess)
     if not path.exists():
