@@ -6,6 +6,7 @@ from sklearn import metrics as skm
 from react_vl.metrics import (classification_report, confusion_matrix, eleven_point_average_precision,
                               eleven_point_map, mean_per_class_accuracy, retrieval_recall, roc_auc,
                               task_metric, topk_accuracy)
+from react_vl.tasks import METRICS
 
 
 @pytest.fixture
@@ -58,6 +59,8 @@ def test_task_metric_dispatch_and_report(fixed_scores):
     assert task_metric("accuracy", logits, labels) == topk_accuracy(logits, labels)
     with pytest.raises(ValueError, match="unknown task metric 'f1'"):
         task_metric("f1", logits, labels)
+    for metric in METRICS:  # every metric a task may name is computed
+        assert 0.0 <= task_metric(metric, logits, labels) <= 1.0, metric
     report = classification_report(logits, labels, "mean-per-class", [f"c{i}" for i in range(7)])
     assert report["score"] == report["mean_per_class"] and report["count"] == 60
     assert sum(map(sum, report["confusion_matrix"])) == 60

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
-TASK_METRICS = ("accuracy", "mean-per-class", "11-point-mAP", "roc-auc")
+from .tasks import METRICS
 
 
 def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> float:
@@ -69,7 +69,7 @@ def roc_auc(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def task_metric(metric: str, logits: torch.Tensor, labels: torch.Tensor) -> float:
-    """The benchmark's own headline metric by name (one of TASK_METRICS)."""
+    """The benchmark's own headline metric by name (one of tasks.METRICS)."""
     if metric == "accuracy":
         return topk_accuracy(logits, labels, 1)
     if metric == "mean-per-class":
@@ -78,7 +78,7 @@ def task_metric(metric: str, logits: torch.Tensor, labels: torch.Tensor) -> floa
         return eleven_point_map(logits, labels)
     if metric == "roc-auc":
         return roc_auc(logits, labels)
-    raise ValueError(f"unknown task metric {metric!r}; expected one of {TASK_METRICS}")
+    raise ValueError(f"unknown task metric {metric!r}; expected one of {METRICS}")
 
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, metric: str,

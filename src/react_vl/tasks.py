@@ -18,7 +18,7 @@ import yaml
 
 from .concepts import ATTRIBUTE_CLASSES, MINI_TASKS
 
-# The evaluation stage computes these; names are shared with react_vl.metrics.
+# The headline metrics a task can name; react_vl.metrics.task_metric computes each.
 METRICS = ("accuracy", "mean-per-class", "11-point-mAP", "roc-auc")
 
 
