@@ -42,7 +42,7 @@ from . import metrics
 from .data import IMAGE_EXTS, list_shards
 from .models import load_model
 from .probe import few_shot_probe, stratified_split
-from .utils import atomic_path, resolve_device, write_json
+from .utils import atomic_path, markdown_table, resolve_device, write_json
 
 RECALL_KS = (1, 5, 10)
 
@@ -477,15 +477,10 @@ def write_outputs(results: dict, out: Path) -> None:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in columns) + " |" for row in rows]
+    lines = markdown_table(columns, [[row[c] for c in columns] for row in rows])
     with atomic_path(out / "table.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     _bar_chart(rows, list(results["models"]), out / "chart.png")
-
-
-def _cell(value) -> str:
-    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _bar_chart(rows: list[dict], labels: list[str], path: Path) -> None:

@@ -296,7 +296,7 @@ def _runs_table(demo_dir: Path) -> str:
     if not summaries:
         return ""
     fields = list(dict.fromkeys(k for s in summaries.values() for k, v in s.items() if _is_scalar(v)))
-    rows = [("", [_esc(field)] + [_cell(s.get(field)) for s in summaries.values()]) for field in fields]
+    rows = [("", [_esc(field)] + [_html_value(s.get(field)) for s in summaries.values()]) for field in fields]
     return "<h3>Runs</h3>" + _table(["field", *summaries], rows)
 
 
@@ -388,7 +388,7 @@ def _stats_html(stats, counts_as_shares: bool = True) -> str:
             scalars.append((path, value))
 
     walk(stats, "")
-    body = _table(["field", "value"], [("", [_esc(k), _cell(v)]) for k, v in scalars]) if scalars else ""
+    body = _table(["field", "value"], [("", [_esc(k), _html_value(v)]) for k, v in scalars]) if scalars else ""
     tables = []
     for path, counts in count_tables:
         total = sum(counts.values())
@@ -445,7 +445,8 @@ def _td(cell: str) -> str:
     return f"<td class=\"num\">{cell}</td>" if numeric else f"<td>{cell}</td>"
 
 
-def _cell(value) -> str:
+def _html_value(value) -> str:
+    """A table cell's HTML: numbers formatted, lists and dicts as JSON, text escaped."""
     if _is_number(value):
         return _num(value)
     if isinstance(value, (list, dict)):

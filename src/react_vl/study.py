@@ -59,7 +59,7 @@ from .demo import (
     write_subset,
 )
 from .strategies import GATED_STRATEGIES
-from .utils import atomic_path, read_json, write_json
+from .utils import atomic_path, markdown_table, read_json, write_json
 from .concepts import ATTRIBUTE_CLASSES, MINI_TASKS
 
 ABLATIONS = ("strategy", "subset", "mode", "size", "layers", "forgetting", "schedule")
@@ -321,7 +321,8 @@ def gain_in_seed_std(retrieved: dict, random: dict) -> dict:
     return out
 
 
-def _cell(stat: dict, signed: bool = False) -> str:
+def _stat_text(stat: dict, signed: bool = False) -> str:
+    """A table's mean ± std over seeds ("52.3 ± 1.2"; the mean alone from one seed)."""
     text = f"{stat['mean']:+.1f}" if signed else f"{stat['mean']:.1f}"
     return text if stat["std"] is None else f"{text} ± {stat['std']:.1f}"
 
@@ -337,22 +338,21 @@ TABLE_TITLES = {
 }
 
 
-def markdown_table(ablation: str, rows: list[dict], kb_size: int) -> list[str]:
+def ablation_table(ablation: str, rows: list[dict], kb_size: int) -> list[str]:
     title, first = TABLE_TITLES[ablation]
     extra = {"strategy": ["image", "text", "trainable", "paper IN-1k"], "layers": ["trainable"],
              "size": ["pairs", "% of KB"], "subset": ["pairs"], "mode": ["pairs", "paper IN-1k"]}.get(ablation, [])
     columns = [first, *extra, *(f"{t} (target)" for t in TARGET_TASKS), *(f"{t} (control)" for t in CONTROL_TASKS),
                "Δ target", "Δ control"]
-    lines = [f"### {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    cells = []
     for row in rows:
-        cells = {"image": TOWERS.get(row["label"], ("", ""))[0], "text": TOWERS.get(row["label"], ("", ""))[1],
+        extra_cells = {"image": TOWERS.get(row["label"], ("", ""))[0], "text": TOWERS.get(row["label"], ("", ""))[1],
                  "trainable": f"{row['trainable_params']:,}", "pairs": f"{row['train_pairs']:,}",
                  "% of KB": f"{100 * row['train_pairs'] / kb_size:.1f}",
                  "paper IN-1k": str(PAPER_IN1K.get(row["label"], ""))}
-        lines.append("| " + " | ".join([row["label"], *(cells[c] for c in extra),
-                                          *(_cell(row["scores"][t]) for t in TASKS),
-                                          _cell(row["target_change"], True), _cell(row["control_change"], True)]) + " |")
-    return lines
+        cells.append([row["label"], *(extra_cells[c] for c in extra), *(_stat_text(row["scores"][t]) for t in TASKS),
+                      _stat_text(row["target_change"], True), _stat_text(row["control_change"], True)])
+    return [f"### {title}", "", *markdown_table(columns, cells)]
 
 
 def schedule_lines(choice: dict) -> list[str]:
@@ -360,10 +360,10 @@ def schedule_lines(choice: dict) -> list[str]:
     lines = [f"Chosen on the validation sets ({choice['rule']}): "
              + (f"**{choice['chosen']}**" if choice["chosen"] else
                 "none yet (not every schedule has run)" if not choice["complete"] else "none keeps the controls"),
-             "", "| schedule | seeds | val Δ target | val worst Δ control |", "|---|---|---|---|"]
-    lines += [f"| {c['label']} | {c['seeds']} | {c['val_target_change']:+.1f} | {c['val_worst_control_change']:+.1f} |"
-              for c in choice["candidates"]]
-    return lines
+             ""]
+    return lines + markdown_table(["schedule", "seeds", "val Δ target", "val worst Δ control"],
+                                  [[c["label"], c["seeds"], f"{c['val_target_change']:+.1f}",
+                                    f"{c['val_worst_control_change']:+.1f}"] for c in choice["candidates"]])
 
 
 def gates_table(records: list[dict], depth: int) -> list[str]:
@@ -373,16 +373,16 @@ def gates_table(records: list[dict], depth: int) -> list[str]:
     for r in records:
         if r["gates"]:
             by_setting.setdefault(_setting(r["key"]), []).append(r["gates"])
-    lines = ["### Gate openings after training, |tanh(alpha)| attention / dense, mean over seeds", "",
-             "| run | " + " | ".join(f"layer {i}" for i in range(depth)) + " |", "|" + "---|" * (depth + 1)]
+    rows = []
     for setting, gates in sorted(by_setting.items()):
-        cells = []
+        cells = [setting]
         for layer in range(depth):
             found = [g[str(layer)] for g in gates if str(layer) in g]
             cells.append(f"{np.mean([abs(g['attn']) for g in found]):.3f} / "
                          f"{np.mean([abs(g['dense']) for g in found]):.3f}" if found else "")
-        lines.append(f"| {setting} | " + " | ".join(cells) + " |")
-    return lines
+        rows.append(cells)
+    return ["### Gate openings after training, |tanh(alpha)| attention / dense, mean over seeds", "",
+            *markdown_table(["run", *(f"layer {i}" for i in range(depth))], rows)]
 
 
 def build_tables(plan: dict, records: dict[str, dict], base_scores: dict) -> dict:
@@ -409,7 +409,7 @@ def write_study(study_dir: Path, summary: dict) -> None:
              f"{summary['runs_done']} of {summary['runs_planned']} runs done; training and evaluation took "
              f"{summary['run_seconds'] / 60:.1f} min in all, this invocation {summary['seconds'] / 60:.1f} min."), ""]
     for ablation, rows in summary["tables"].items():
-        lines += markdown_table(ablation, rows, kb_size) + [""]
+        lines += ablation_table(ablation, rows, kb_size) + [""]
         if ablation == "subset" and summary.get("retrieved_vs_random"):
             lines += ["Retrieved − random, in units of the pooled seed standard deviation: " + "; ".join(
                 f"{task} {v['difference']:+.1f} points = "

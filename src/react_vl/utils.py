@@ -1,4 +1,5 @@
-"""Small helpers every stage shares: atomic writes, JSON summaries, device and precision choice.
+"""Small helpers every stage shares: atomic writes, JSON summaries, Markdown tables, device and
+precision choice.
 
 torch is imported where it is used, so the world generator and the CLI start without it.
 """
@@ -50,6 +51,14 @@ def write_json(obj, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
     return Path(path)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """The lines of a Markdown table: a float cell with 4 decimals, any other cell as str()."""
+    def line(cells):
+        return "| " + " | ".join(f"{c:.4f}" if isinstance(c, float) else str(c) for c in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header), *(line(row) for row in rows)]
 
 
 def read_json(path: str | os.PathLike):
