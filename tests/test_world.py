@@ -51,12 +51,19 @@ def test_resume_regenerates_only_missing_shards_and_refuses_another_config(tmp_p
     with pytest.raises(ValueError, match=r"different config \(seed\)"):
         generate_world(tmp_path, WorldConfig(seed=2, workers=1, **SMALL))
     assert generate_world(tmp_path, WorldConfig(seed=1, workers=2, **SMALL))["shards"]["generated"] == 0
-    # a world made before validation sets existed gets them; nothing else is redone
+    # another val_size regenerates the validation sets and nothing else
     shutil.rmtree(tmp_path / "val")
     summary = generate_world(tmp_path, WorldConfig(seed=1, workers=1, **{**SMALL, "val_size": 8}))
     assert summary["shards"]["generated"] == len(MINI_TASKS) and summary["counts"]["val/mini-color-night"]["total"] == 8
     assert {k: v for k, v in _shard_bytes(tmp_path).items() if "val" not in k} == \
         {k: v for k, v in before.items() if "val" not in k}
+
+
+def test_corpus_settings_leave_out_only_what_changes_no_corpus_byte():
+    settings = WorldConfig(workers=1, val_size=5).corpus_settings()
+    assert settings == WorldConfig(workers=3).corpus_settings() != WorldConfig(seed=1).corpus_settings()
+    assert set(settings) == set(vars(WorldConfig())) - {"workers", "val_size"}
+    assert json.loads(json.dumps(settings)) == settings  # as world.json stores them
 
 
 def test_config_validation_names_the_field():

@@ -71,10 +71,8 @@ class DemoConfig:
 def _cache_key(config: DemoConfig) -> str:
     import open_clip
 
-    record = {"world": asdict(config.world), "model": open_clip.get_model_config(config.model), "seed": config.seed,
-              "steps": config.base_steps, "batch": config.base_batch, "lr": config.base_lr}
-    for unused in ("workers", "val_size"):  # the base trains on the pretraining corpus only
-        record["world"].pop(unused)
+    record = {"world": config.world.corpus_settings(), "model": open_clip.get_model_config(config.model),
+              "seed": config.seed, "steps": config.base_steps, "batch": config.base_batch, "lr": config.base_lr}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
 

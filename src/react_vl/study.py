@@ -485,10 +485,8 @@ def study_figure(summary: dict):
 def _check_same_config(study_dir: Path, config: DemoConfig) -> None:
     """A study folder holds one config: resuming with another would mix runs that are not comparable."""
     path = study_dir / "study-config.json"
-    settings = json.loads(json.dumps(asdict(config)))
-    for unused in ("workers", "val_size"):  # change no run (validation sets are regenerated to match)
-        settings["world"].pop(unused)
-    settings.pop("workers")
+    settings = {**json.loads(json.dumps(asdict(config))), "world": config.world.corpus_settings()}
+    settings.pop("workers")  # data-loading processes change no run
     if path.is_file():
         changed = sorted(k for k, v in read_json(path).items() if settings.get(k) != v)
         if changed:

@@ -98,6 +98,13 @@ class WorldConfig:
             raise ValueError(f"WorldConfig: shard_size must be >= 1 and image_size >= 16 "
                              f"(got {self.shard_size}, {self.image_size})")
 
+    def corpus_settings(self) -> dict:
+        """The fields that decide the bytes of the corpora and the test sets, as JSON types: all but
+        `workers` (which process draws a shard changes none of it) and `val_size` (the validation
+        sets come from streams of their own and are regenerated to match; nothing else reads them)."""
+        return {key: value for key, value in json.loads(json.dumps(asdict(self))).items()
+                if key not in ("workers", "val_size")}
+
 
 # --- one sample ---------------------------------------------------------------------------------
 def sample_attributes(rng: np.random.Generator, style: str) -> dict:
@@ -385,10 +392,7 @@ def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None
     world_json = out_dir / "world.json"
     if world_json.exists():
         previous = read_json(world_json).get("config", {})
-        # The worker count changes no byte; the validation sets are regenerated to match val_size
-        # (a world made before they existed gets them) and no other shard depends on them.
-        changed = sorted(k for k, v in json.loads(json.dumps(asdict(config))).items()
-                         if k not in ("workers", "val_size") and previous.get(k) != v)
+        changed = sorted(k for k, v in config.corpus_settings().items() if previous.get(k) != v)
         if changed:
             raise ValueError(f"{world_json} was generated with a different config ({', '.join(changed)}); "
                              f"use another --out folder or delete {out_dir}")
