@@ -9,14 +9,18 @@ Three layouts are read, one shard at a time (a shard is the unit of resume and s
 - parquet files with a caption column and image bytes or image paths (column names configurable);
 - a folder of images with sidecar KEY.txt captions (img2dataset's folder output): each
   sub-folder holding images is a shard.
+A folder img2dataset wrote (NNNNN.tar + NNNNN.parquet + NNNNN_stats.json) is read as its tars
+only; `count_from_stats` sums its `_stats.json` successes, so its size is known without reading it.
 Pairs without an image or caption, and shards that are corrupt or truncated, are recorded in a
 `SkipLog` with the reason and never stop the reading; images are decoded later (`decode_image`),
-by the consumer, in its own worker processes.
+by the consumer, in its own worker processes, with PIL's warnings counted, never printed.
 """
 
 import glob
 import io
+import json
 import os
+import warnings
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +32,7 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+TAR_EXTS = (".tar", ".tar.gz", ".tgz")
 MAX_LISTED_SKIPS = 1000  # per reason; the counts stay exact beyond it
 
 
@@ -80,14 +85,16 @@ class SkipLog:
 
 
 def _is_url(path: str) -> bool:
-    return "://" in path
+    return "://" in path or path.startswith("pipe:")  # pipe: a shell command webdataset reads from
 
 
 def _shard_kind(shard: str) -> str:
     name = shard.split("?")[0]
+    if shard.startswith("pipe:"):
+        return "webdataset"
     if name.endswith(".parquet"):
         return "parquet"
-    if name.endswith((".tar", ".tar.gz", ".tgz")):
+    if name.endswith(TAR_EXTS):
         return "webdataset"
     if not _is_url(shard) and Path(shard).is_dir():
         return "folder"
@@ -98,6 +105,21 @@ def _folder_shards(folder: Path) -> list[str]:
     """Sub-folders (and the folder itself) that directly hold images, as in img2dataset's output."""
     holders = {p.parent for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS}
     return sorted(str(p) for p in holders)
+
+
+def _folder_contents(folder: Path) -> list[str]:
+    """A folder's shards: its tars if it has any (an img2dataset folder's .parquet files are
+    sidecars then), else image sub-folders when img2dataset wrote it (`_stats.json` files),
+    else its parquet files, else its image sub-folders."""
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    tars = [str(p) for p in files if p.name.endswith(TAR_EXTS)]
+    if tars:
+        return tars
+    if not any(p.name.endswith("_stats.json") for p in files):
+        parquets = [str(p) for p in files if p.suffix == ".parquet"]
+        if parquets:
+            return parquets
+    return _folder_shards(folder)
 
 
 def list_shards(corpus: str | list[str]) -> list[str]:
@@ -118,8 +140,7 @@ def list_shards(corpus: str | list[str]) -> list[str]:
             for match in matches:
                 path = Path(match).resolve()
                 if path.is_dir():
-                    inner = sorted(str(p) for p in path.iterdir() if p.name.endswith((".tar", ".parquet")))
-                    shards.extend(inner or _folder_shards(path))
+                    shards.extend(_folder_contents(path))
                 else:
                     shards.append(str(path))
     if not shards:
@@ -127,6 +148,32 @@ def list_shards(corpus: str | list[str]) -> list[str]:
     for shard in shards:
         _shard_kind(shard)
     return sorted(set(shards))
+
+
+def _stats_path(shard: str) -> Path:
+    """img2dataset's stats file of a shard: NNNNN_stats.json beside NNNNN.tar (or the NNNNN/ folder)."""
+    path = Path(shard)
+    name = path.name
+    for ext in (*TAR_EXTS, ".parquet"):
+        name = name.removesuffix(ext)
+    return path.parent / f"{name}_stats.json"
+
+
+def count_from_stats(folder_or_shards: str | list[str]) -> int | None:
+    """Samples in an img2dataset output (folder, spec or shard list): the sum of `successes` over
+    each shard's NNNNN_stats.json. None when a shard has no stats file (not written by
+    img2dataset, or a download still running or killed: img2dataset writes the stats last)."""
+    total = 0
+    for shard in list_shards(folder_or_shards):
+        stats = _stats_path(shard)
+        if _is_url(shard) or not stats.is_file():
+            return None
+        try:
+            total += int(json.loads(stats.read_text())["successes"])
+        except (ValueError, KeyError, TypeError) as err:
+            raise CorpusFormatError(f"{stats}: not an img2dataset stats file ({type(err).__name__}: {err}); "
+                                    f"it needs an integer 'successes'") from err
+    return total
 
 
 def open_shard(shard: str):
@@ -177,11 +224,13 @@ def _read_parquet(shard, skips, columns):
         rows = (row for batch in pq.ParquetFile(stream).iter_batches(batch_size=1024) for row in batch.to_pylist())
         for row_number, row in enumerate(rows):
             for needed in (columns.caption, columns.image):
+                if needed == columns.image and needed not in row and "url" in row:
+                    raise _url_list_error(shard, "url")
                 if needed not in row:
                     raise CorpusFormatError(f"{shard}: no column {needed!r} (it has {list(row)}); "
                                             f"set the column names (--caption-column, --image-column)")
             key = str(row.get(columns.key, row_number))
-            image, image_ext = _parquet_image(row[columns.image], base)
+            image, image_ext = _parquet_image(row[columns.image], base, shard, columns.image)
             extra = {k: v for k, v in row.items()
                      if k not in (columns.caption, columns.image, columns.key) and not isinstance(v, bytes)}
             pair = _pair_or_skip(skips, shard, key, image, image_ext, row[columns.caption], extra)
@@ -189,13 +238,25 @@ def _read_parquet(shard, skips, columns):
                 yield pair
 
 
-def _parquet_image(value, base: Path | None) -> tuple[bytes | None, str]:
+def _url_list_error(shard: str, column: str) -> CorpusFormatError:
+    return CorpusFormatError(
+        f"{shard}: column {column!r} holds URLs, not images: this parquet is a URL list, which cannot be "
+        f"embedded as it is. Download it first with img2dataset (the path `react-vl materialize` takes for "
+        f"URL-only pairs): img2dataset --url_list {shard} --input_format parquet --url_col {column} "
+        f"--caption_col caption --output_format webdataset --output_folder DIR, then `react-vl embed DIR`. "
+        f"If its embeddings exist already (LAION's), index that folder instead: "
+        f"`react-vl index KB --model NAME --pretrained TAG`")
+
+
+def _parquet_image(value, base: Path | None, shard: str, column: str) -> tuple[bytes | None, str]:
     """Image bytes from a bytes value, a path (relative to the parquet file) or {bytes, path}."""
     path = None
     if isinstance(value, dict):
         value, path = value.get("bytes"), value.get("path")
     elif isinstance(value, str):
         value, path = None, value
+    if value is None and path and _is_url(path):
+        raise _url_list_error(shard, column)
     ext = Path(path).suffix.lower().lstrip(".") if path else ""
     if value is None and path:
         full = Path(path) if Path(path).is_absolute() or base is None else base / path
@@ -232,8 +293,38 @@ def iter_corpus(corpus: str | list[str], skips: SkipLog | None = None,
         yield from read_shard(shard, skips, columns)
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Fully decode to RGB (raises on corrupt or truncated bytes, which callers count as skips)."""
-    with Image.open(io.BytesIO(data)) as image:
-        return image.convert("RGB")
+def _warning_reason(warning: warnings.WarningMessage) -> str:
+    if issubclass(warning.category, Image.DecompressionBombWarning):
+        return "decompression bomb warning"
+    if "Transparency" in str(warning.message):
+        return "palette transparency"
+    return f"{warning.category.__name__}: {str(warning.message)[:80]}"
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with transparency composited on white (palette transparency goes through RGBA first)."""
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, decode_warnings: SkipLog | None = None, where: str = "") -> Image.Image:
+    """Fully decode to RGB (raises on corrupt or truncated bytes, which callers count as skips).
+
+    PIL's warnings (decompression bomb, palette transparency, ...) are counted by reason in
+    `decode_warnings` with `where` as the item, instead of printed; images over twice PIL's
+    MAX_IMAGE_PIXELS raise DecompressionBombError, which callers count as skips too.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = to_rgb(image)
+    if decode_warnings is not None:
+        for warning in caught:
+            decode_warnings.add(_warning_reason(warning), where)
+    return rgb
 
