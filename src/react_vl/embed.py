@@ -7,12 +7,13 @@ Part N holds the pairs of sorted shard N. DataLoader workers read and decode who
 the model's own preprocess and tokenizer and hand over batches that never cross a shard; the
 main process encodes them and writes a part as soon as its shard is done. Finished parts are
 never redone, so the same command resumes after a crash (kill -9 included) and ends with the
-embeddings an uninterrupted run makes. Under torchrun, rank r takes shards r, r+N, r+2N, ...
-and rank 0 writes kb.json and embed_summary.json once every rank is done.
+embeddings an uninterrupted run makes; a part made with another model, weights (the text
+tower's fingerprint), dtype or autocast is refused. Under torchrun (or srun), rank r takes
+shards r, r+N, r+2N, ... and rank 0 writes kb.json and embed_summary.json once every rank is
+done. PIL's warnings are counted per reason in the summary's `decode_warnings`, never printed.
 """
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -20,22 +21,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm import tqdm
 
 from .data import ParquetColumns, SkipLog, decode_image, list_shards, read_shard
+from .distributed import init_distributed
 from .kb import finished_parts, make_ids, write_info, write_part
-from .models import load_model
-from .utils import autocast_dtype, resolve_device, write_json
+from .models import load_model, text_tower_fingerprint
+from .utils import autocast_dtype, write_json
 
 PART_META_KEY = b"react_vl"  # parquet schema metadata of each part: model, shard, skips
 
 
 class ShardBatches(IterableDataset):
     """Yields, per shard, preprocessed batches of at most `batch_size` pairs and a final batch
-    with `done=True` that carries the shard's skip log. Each worker takes every k-th shard."""
+    with `done=True` that carries the shard's skip and decode-warning logs. Each worker takes
+    every k-th shard."""
 
     def __init__(self, shards: list[str], parts: list[int], preprocess, tokenizer, batch_size: int,
                  columns: ParquetColumns):
@@ -47,16 +49,18 @@ class ShardBatches(IterableDataset):
         worker = get_worker_info()
         parts = self.parts if worker is None else self.parts[worker.id::worker.num_workers]
         for part in parts:
-            skips, pending = SkipLog(), []
+            skips, decode_warnings, pending = SkipLog(), SkipLog(), []
             for pair in read_shard(self.shards[part], skips, self.columns):
                 try:
-                    pending.append((self.preprocess(decode_image(pair.image)), pair))
+                    image = decode_image(pair.image, decode_warnings, f"{pair.shard}:{pair.key}")
+                    pending.append((self.preprocess(image), pair))
                 except Exception as err:  # noqa: BLE001 - a bad image is a counted skip, never fatal
                     skips.add("undecodable image", f"{pair.shard}:{pair.key}: {type(err).__name__}")
                 if len(pending) == self.batch_size:
                     yield self._batch(part, pending)
                     pending = []
-            yield {**self._batch(part, pending), "done": True, "skips": skips.to_dict()}
+            yield {**self._batch(part, pending), "done": True, "skips": skips.to_dict(),
+                   "decode_warnings": decode_warnings.to_dict()}
 
     def _batch(self, part: int, pending: list) -> dict:
         pairs = [pair for _, pair in pending]
@@ -67,22 +71,13 @@ class ShardBatches(IterableDataset):
         }
 
 
-def _distributed() -> tuple[int, int, bool]:
-    """(rank, world size, whether this call started the process group) under torchrun, else (0, 1)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size == 1 or dist.is_initialized():
-        return (dist.get_rank(), dist.get_world_size(), False) if dist.is_initialized() else (0, 1, False)
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size(), True
-
-
 def _part_record(kb_dir: Path, part: int) -> dict:
     schema = pq.read_schema(kb_dir / "metadata" / f"metadata_{part}.parquet")
     return json.loads((schema.metadata or {}).get(PART_META_KEY, b"{}"))
 
 
 def _check_resumable(kb_dir: Path, done: list[int], shards: list[str], made_with: dict):
-    """Refuse to mix parts from another model, dtype, autocast or corpus into one KB."""
+    """Refuse to mix parts from another model, weights, dtype, autocast or corpus into one KB."""
     for part in done:
         record = _part_record(kb_dir, part)
         want = {**made_with, "shard": shards[part] if part < len(shards) else None}
@@ -121,6 +116,19 @@ def _encode(model, images: torch.Tensor, texts: torch.Tensor, device) -> tuple[n
     return image_emb.cpu().numpy(), text_emb.cpu().numpy()
 
 
+def _load(model: str | None, pretrained: str | None, device, precision: str, dtype: str):
+    """(model, preprocess, tokenizer, embedding width, autocast dtype, the `made_with` record)."""
+    torch.manual_seed(0)  # randomly initialised models (no --pretrained) must agree across resumes and ranks
+    clip, preprocess, tokenizer = load_model(model, pretrained, device=device)
+    amp_dtype = autocast_dtype(precision, device)
+    made_with = {"model": clip.react_vl["model"], "pretrained": pretrained, "dtype": dtype,
+                 "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else "off",
+                 "text_tower_sha256": text_tower_fingerprint(clip)}
+    with torch.inference_mode():  # the embedding width, for shards with no usable pair
+        dim = clip.encode_text(tokenizer(["a"]).to(device)).shape[-1]
+    return clip, preprocess, tokenizer, dim, amp_dtype, made_with
+
+
 def embed_corpus(corpus: str | list[str], model: str | None, pretrained: str | None, out: str | Path,
                  batch_size: int = 256, workers: int = 4, dtype: str = "float16", device: str = "auto",
                  precision: str = "auto", columns: ParquetColumns | None = None, progress: bool = True) -> dict:
@@ -133,20 +141,11 @@ def embed_corpus(corpus: str | list[str], model: str | None, pretrained: str | N
         raise ValueError(f"dtype must be float16 or float32, got {dtype!r}")
     started = time.time()
     kb_dir = Path(out)
-    rank, world_size, own_group = _distributed()
+    env = init_distributed(device)
     shards = list_shards(corpus)
-    if device in (None, "auto") and torch.cuda.is_available():
-        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    device = resolve_device(device)
-    torch.manual_seed(0)  # randomly initialised models (no --pretrained) must agree across resumes and ranks
-    clip, preprocess, tokenizer = load_model(model, pretrained, device=device)
-    amp_dtype = autocast_dtype(precision, device)
-    made_with = {"model": clip.react_vl["model"], "pretrained": pretrained, "dtype": dtype,
-                 "autocast": str(amp_dtype).removeprefix("torch.") if amp_dtype else "off"}
-    with torch.inference_mode():  # the embedding width, for shards with no usable pair
-        dim = clip.encode_text(tokenizer(["a"]).to(device)).shape[-1]
+    clip, preprocess, tokenizer, dim, amp_dtype, made_with = _load(model, pretrained, env.device, precision, dtype)
 
-    mine = list(range(rank, len(shards), world_size))
+    mine = list(range(env.rank, len(shards), env.world_size))
     done = [p for p in finished_parts(kb_dir) if p in mine]
     _check_resumable(kb_dir, done, shards, made_with)
     todo = [p for p in mine if p not in done]
@@ -154,44 +153,39 @@ def embed_corpus(corpus: str | list[str], model: str | None, pretrained: str | N
 
     dataset = ShardBatches(shards, todo, preprocess, tokenizer, batch_size, columns or ParquetColumns())
     loader = DataLoader(dataset, batch_size=None, num_workers=min(workers, len(todo)),
-                        pin_memory=device.type == "cuda")
+                        pin_memory=env.device.type == "cuda")
     open_parts: dict[int, list] = {}
     pairs_done = parts_done = 0
-    bar = tqdm(desc=f"embed (rank {rank})" if world_size > 1 else "embed", unit="pair",
+    bar = tqdm(desc=f"embed (rank {env.rank})" if env.distributed else "embed", unit="pair",
                disable=not progress or not todo, dynamic_ncols=True)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+    with torch.inference_mode(), torch.autocast(env.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
         for batch in loader:
             part = batch["part"]
             chunks = open_parts.setdefault(part, [])
             if batch["images"] is not None:
-                chunks.append((*_encode(clip, batch["images"], batch["texts"], device), batch["pairs"]))
+                chunks.append((*_encode(clip, batch["images"], batch["texts"], env.device), batch["pairs"]))
                 pairs_done += len(batch["pairs"])
                 bar.update(len(batch["pairs"]))
             if batch["done"]:
-                _finish_part(kb_dir, part, shards[part], open_parts.pop(part), batch["skips"], dim, made_with)
+                _finish_part(kb_dir, part, shards[part], open_parts.pop(part), batch, dim, made_with)
                 parts_done += 1
                 bar.total = round(pairs_done / parts_done * len(todo))  # an estimate, for the ETA
                 bar.refresh()
     bar.close()
-    rank_stats = {"rank": rank, "pairs": pairs_done, "parts": parts_done, "seconds": time.time() - started}
-
-    all_stats = [rank_stats]
-    if world_size > 1:
-        all_stats = [None] * world_size
-        dist.all_gather_object(all_stats, rank_stats)  # also the barrier before rank 0 reads all parts
-    summary = _summarize(kb_dir, shards, corpus, made_with, all_stats) if rank == 0 else None
-    if world_size > 1:
-        dist.barrier()
-    if own_group:
-        dist.destroy_process_group()
+    rank_stats = {"rank": env.rank, "pairs": pairs_done, "parts": parts_done, "seconds": time.time() - started}
+    all_stats = env.gather(rank_stats)  # also the barrier before rank 0 reads all parts
+    summary = _summarize(kb_dir, shards, corpus, made_with, all_stats) if env.is_main else None
+    env.barrier()
+    env.close()
     return summary
 
 
-def _finish_part(kb_dir, part, shard, chunks, skips, dim, made_with):
+def _finish_part(kb_dir, part, shard, chunks, last_batch, dim, made_with):
     image_emb = np.concatenate([c[0] for c in chunks]) if chunks else np.zeros((0, dim), np.float32)
     text_emb = np.concatenate([c[1] for c in chunks]) if chunks else np.zeros((0, dim), np.float32)
     rows = [row for c in chunks for row in c[2]]
-    record = {**made_with, "shard": shard, "pairs": len(rows), "skipped": skips}
+    record = {**made_with, "shard": shard, "pairs": len(rows), "skipped": last_batch["skips"],
+              "decode_warnings": last_batch["decode_warnings"]}
     write_part(kb_dir, part, image_emb.astype(made_with["dtype"]), text_emb.astype(made_with["dtype"]),
                _metadata_table(part, shard, rows, record))
 
@@ -200,9 +194,10 @@ def _summarize(kb_dir, shards, corpus, made_with, rank_stats) -> dict:
     """kb.json and embed_summary.json from every finished part (this run's and earlier runs')."""
     parts = finished_parts(kb_dir)
     records = {part: _part_record(kb_dir, part) for part in parts}
-    skips = SkipLog()
+    skips, decode_warnings = SkipLog(), SkipLog()
     for record in records.values():
         skips.update(record["skipped"])
+        decode_warnings.update(record["decode_warnings"])
     count = sum(r["pairs"] for r in records.values())
     dim = int(np.load(kb_dir / "img_emb" / f"img_emb_{parts[0]}.npy", mmap_mode="r").shape[1]) if parts else None
     missing = sorted(set(range(len(shards))) - set(parts))
@@ -215,6 +210,7 @@ def _summarize(kb_dir, shards, corpus, made_with, rank_stats) -> dict:
         **made_with, "dim": dim,
         "count": count, "parts": len(parts), "shards": len(shards), "missing_parts": missing,
         "skipped_total": skips.total(), "skipped": skips.to_dict(),
+        "decode_warnings_total": decode_warnings.total(), "decode_warnings": decode_warnings.to_dict(),
         "this_run": {"pairs": pairs_this_run, "seconds": round(seconds, 3),
                      "pairs_per_second": round(pairs_this_run / seconds, 2) if seconds else None,
                      "ranks": rank_stats},
