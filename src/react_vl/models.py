@@ -11,6 +11,7 @@ open_clip on import, so `mini-vit` is a model name like any other.
 """
 
 import contextlib
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -114,3 +115,14 @@ def save_model(path: str | os.PathLike, model: torch.nn.Module, name: str, **met
     state_dict = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     record = {"model": name, "gated_layers": gated_layers(model), **meta}
     return atomic_save({"state_dict": state_dict, CHECKPOINT_META_KEY: record}, path)
+
+
+def text_tower_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the text tower's weights: every state-dict tensor whose key does not start with
+    `visual.`, in key order, as float32 contiguous CPU bytes. Embed records it in kb.json, so caption
+    embeddings made by other weights are told apart from the ones a trainer's text tower makes."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        if not key.startswith("visual."):
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
