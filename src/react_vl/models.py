@@ -18,6 +18,8 @@ from pathlib import Path
 
 import open_clip
 import torch
+from open_clip.transformer import Transformer
+from torch import nn
 
 from .gated import gated_layers, gated_layers_in_state_dict, inject_gated_blocks
 from .utils import atomic_save
@@ -108,6 +110,28 @@ def load_model(name: str | None, pretrained: str | None = None, device: str | to
     model.react_vl = {"model": name, "pretrained": pretrained, "gated_layers": gated_layers(model)}
     tokenizer = open_clip.get_tokenizer(name)
     return model, preprocess, tokenizer
+
+
+def sequence_first(model: nn.Module) -> list[Transformer]:
+    """Run every open_clip transformer stack of `model` in the (L, N, D) layout; returns those stacks.
+
+    With the batch-first layout nn.MultiheadAttention transposes its (N, L, D) input into an
+    (L, N, D) view that is not contiguous, and hands it to its input projection. For such an
+    input, a weight that needs no gradient sends F.linear down PyTorch's batched path (the weight
+    expanded L times, one `bmm`) instead of a single matrix product: the frozen layers of a
+    customization run are then the slow ones on CPU. In the sequence-first layout the stack makes
+    its input contiguous once and every projection gets a contiguous input. Only attributes
+    change (open_clip's `Transformer.batch_first` and the attention modules' own, gated blocks'
+    included), so outputs, parameters and state-dict keys stay as they are.
+    """
+    stacks = [m for m in model.modules() if isinstance(m, Transformer)
+              and all(isinstance(getattr(b, "attn", None), nn.MultiheadAttention) for b in m.resblocks)]
+    for stack in stacks:
+        stack.batch_first = False
+        for attention in stack.modules():
+            if isinstance(attention, nn.MultiheadAttention):
+                attention.batch_first = False
+    return stacks
 
 
 def save_model(path: str | os.PathLike, model: torch.nn.Module, name: str, **meta) -> Path:

@@ -14,16 +14,19 @@
 The logit scale (temperature) is a separate switch: trainable by default, as in the public
 REACT code; `train_logit_scale=False` keeps the base model's value.
 
-Frozen weights get `requires_grad=False` and nothing else: autograd then records no graph for
-the layers in front of the first trainable one (their inputs and weights need no gradient), so
-those layers store no activations and get no backward pass. `tests/test_train.py` and
-`benchmarks/bench_customize.py` check this rather than assume it.
+Frozen weights get `requires_grad=False`: autograd then records no graph for the layers in
+front of the first trainable one (their inputs and weights need no gradient), so those layers
+store no activations and get no backward pass. `tests/test_train.py` and
+`benchmarks/bench_customize.py` check this rather than assume it. `set_trainable` also runs the
+towers sequence-first (`models.sequence_first`), where frozen projections take PyTorch's fast
+matrix-product path. `set_grad_checkpointing(model)` recomputes the trainable blocks'
+activations in the backward pass instead of storing them.
 """
 
 from torch import nn
 
 from .gated import GATED_CHILD, inject_gated_blocks
-from .models import load_model
+from .models import load_model, sequence_first
 
 GATED_STRATEGIES = ("gated-image", "gated-image-text")
 STRATEGIES = GATED_STRATEGIES + ("locked-text", "locked-image", "full")
@@ -80,4 +83,25 @@ def set_trainable(model: nn.Module, strategy: str, train_logit_scale: bool = Tru
         param.requires_grad_(_part(name) in trained)
         counts["total"] += param.numel()
         counts["trainable"] += param.numel() if param.requires_grad else 0
+    sequence_first(model)
     return counts
+
+
+def set_grad_checkpointing(model: nn.Module, enabled: bool = True) -> dict[str, bool]:
+    """Checkpoint the blocks of each tower that has trainable weights (call after set_trainable).
+
+    Uses open_clip's own switch: the tower's transformer runs every block under
+    torch.utils.checkpoint, so the backward pass recomputes a block's activations instead of
+    keeping them. A gated block runs inside its resblock's checkpoint (through the resblock's
+    forward pre-hook). Blocks in front of the first trainable one record no graph inside their
+    checkpoint either (input and weights need no gradient): they store nothing and are never
+    recomputed. A tower without trainable weights is not checkpointed. Returns which towers are.
+    """
+    trained = {_part(name) for name, param in model.named_parameters() if param.requires_grad}
+    towers = {"image": enabled and bool(trained & {"gated", "image"}), "text": enabled and "text" in trained}
+    model.visual.set_grad_checkpointing(towers["image"])
+    if hasattr(model, "text"):  # open_clip's CustomTextCLIP keeps its text tower in one module
+        model.text.set_grad_checkpointing(towers["text"])
+    else:
+        model.transformer.grad_checkpointing = towers["text"]
+    return towers
