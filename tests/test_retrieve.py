@@ -106,13 +106,12 @@ def test_per_class_keeps_each_class_best(planted, tmp_path):
 
 def test_per_class_takes_both_modes_in_turn():
     """t2t scores (text-text cosines) run far above t2i ones; a class's quota must still hold both modes' best."""
-    import pyarrow as pa
-    hits = pa.table({"query": [0] * 8, "id": [1, 2, 3, 4, 5, 6, 7, 8],
-                     "score": [0.99, 0.98, 0.97, 0.96, 0.31, 0.30, 0.29, 0.28],
-                     "mode": ["t2t"] * 4 + ["t2i"] * 4, "class": [0] * 8})
-    pairs = pa.table({"id": list(range(1, 9)), "class_distinct": [[0]] * 8})
-    kept, rows = cap_per_class(pairs, np.arange(8), hits, per_class=4)
-    assert sorted(kept.column("id").to_pylist()) == [1, 2, 5, 6] and sorted(rows.tolist()) == [0, 1, 4, 5]
+    ids = np.array([1, 2, 3, 4, 5, 6, 7, 8])
+    score = np.array([0.99, 0.98, 0.97, 0.96, 0.31, 0.30, 0.29, 0.28], dtype=np.float32)
+    mode = np.array([0] * 4 + [1] * 4)  # t2t, then t2i
+    kept = cap_per_class(np.zeros(8, dtype=np.int64), mode, ids, score, limit=4)
+    assert kept["id"].tolist() == [1, 5, 2, 6] and kept["position"].tolist() == [0, 1, 2, 3]
+    assert kept["score"][0, 0] == np.float32(0.99) and np.isnan(kept["score"][0, 1])
 
 
 def test_other_model_or_dimension_is_refused(planted, tmp_path):
@@ -186,3 +185,201 @@ def test_retrieval_precision_against_ground_truth(trained_kb, tmp_path, mode):
     assert summary["retrieved"] == truth["pairs"] >= 60
     assert class_precision >= 0.3
     assert night_precision >= 3 * night_share
+
+
+# --- memory-bounded path vs a straightforward reference; torchrun; resume; bad input ------------
+def reference_retrieve(kb, task, k, per_class, dedup_threshold, min_clip_score):
+    """The stage written out plainly over every hit at once: per class, each mode's pairs by best
+    score, taken in turn by rank up to per_class + margin; the filters over those pairs best first;
+    each class then cut to per_class. Returns {id: row} with the provenance columns."""
+    from react_vl.index import load_index, read_rows
+    from react_vl.retrieve import MODES, OVERFETCH, locate
+    import math
+    prompts, query_class, queries = encode_queries(kb, task)
+    limit = math.ceil(per_class * (1 + OVERFETCH))
+    hits = {}  # (class, mode) -> {id: [best score, queries]}
+    for mode, kind in MODES.items():
+        scores, ids = load_index(kb, kind).search(queries, k)
+        for q in range(len(queries)):
+            for score, i in zip(scores[q], ids[q]):
+                best = hits.setdefault((int(query_class[q]), mode), {}).setdefault(int(i), [-np.inf, set()])
+                best[0], _ = max(best[0], float(score)), best[1].add(prompts[q])
+    lists = {}
+    for c in range(len(task.classnames)):
+        ranked = [sorted(hits[(c, m)], key=lambda i: (-hits[(c, m)][i][0], i))[:limit] for m in MODES]
+        order = [i for rank in range(limit) for by_mode in ranked if rank < len(by_mode) for i in [by_mode[rank]]]
+        lists[c] = list(dict.fromkeys(order))[:limit]
+    best = {}
+    for c, ids in lists.items():
+        for i in ids:
+            best[i] = max(best.get(i, -np.inf), *(hits[(c, m)][i][0] for m in MODES if i in hits[(c, m)]))
+    ordered = sorted(best, key=lambda i: (-best[i], i))
+    rows = locate(kb, np.array(ordered))
+    image, text = read_rows(kb, "image", rows), read_rows(kb, "text", rows)
+    removed = set()
+    for n, i in enumerate(ordered):
+        if float(image[n] @ text[n]) < min_clip_score:
+            removed.add(i)
+    kept_images = []
+    for n, i in enumerate(ordered):
+        if i not in removed:
+            if any(float(image[n] @ other) >= dedup_threshold for other in kept_images):
+                removed.add(i)
+            else:
+                kept_images.append(image[n])
+    out = {}
+    for c, ids in lists.items():
+        for i in [i for i in ids if i not in removed][:per_class]:
+            row = out.setdefault(i, {"classes": set(), "queries": set(), "modes": set(), "score_t2t": None,
+                                     "score_t2i": None})
+            row["classes"].add(task.classnames[c])
+            for m in MODES:
+                if i in hits[(c, m)]:
+                    row["modes"].add(m)
+                    row["queries"] |= hits[(c, m)][i][1]
+                    row[f"score_{m}"] = max(row[f"score_{m}"] or -np.inf, hits[(c, m)][i][0])
+    return {i: {**row, "classes": sorted(row["classes"]), "queries": sorted(row["queries"]),
+                "modes": sorted(row["modes"])} for i, row in out.items()}, removed
+
+
+def test_chunked_path_equals_a_reference(planted, tmp_path):
+    """Per-class cap first (with its margin), then clip-score and near-duplicate removal on the kept
+    pairs, then the cut: the same pairs, classes, queries, modes and scores as the plain version,
+    with one chunk file per class."""
+    kb, _ = planted
+    per_class, k = 12, 40
+    summary = retrieve(kb.path, TASK, tmp_path, per_class=per_class, k=k, dedup_threshold=0.9, min_clip_score=0.2,
+                       hits_per_chunk=len(TASK.templates) * k * 2)
+    expected, removed = reference_retrieve(KnowledgeBase(kb.path), TASK, k, per_class, 0.9, 0.2)
+    rows = {r["id"]: r for r in _read(tmp_path)}
+    assert summary["chunks"]["total"] == 3 and len(list((tmp_path / "parts").rglob("chunk-*.npz"))) == 3
+    assert set(rows) == set(expected) and summary["retrieved"] == len(expected) > 0
+    assert sum(summary["removed"].values()) == len(removed) > 0
+    for i, row in rows.items():
+        want = expected[i]
+        assert {c: row[c] for c in ("classes", "queries", "modes")} == {c: want[c] for c in ("classes", "queries", "modes")}
+        for m in ("t2t", "t2i"):
+            assert (row[f"score_{m}"] is None) == (want[f"score_{m}"] is None)
+            assert row[f"score_{m}"] is None or abs(row[f"score_{m}"] - want[f"score_{m}"]) < 1e-6
+        assert abs(row["score"] - max(s for s in (want["score_t2t"], want["score_t2i"]) if s is not None)) < 1e-6
+
+
+def test_kept_margin_fills_classes_after_removal(planted, tmp_path):
+    """The margin kept beyond per_class refills what the filters remove; classes that still fall short are counted."""
+    kb, _ = planted
+    summary = retrieve(kb.path, TASK, tmp_path / "a", per_class=20, dedup_threshold=0.9999)
+    assert summary["removed"]["near_duplicate"] == 1 and summary["short_classes"]["count"] == 0
+    assert summary["per_class_counts"] == {name: 20 for name in TASK.classnames}
+    summary = retrieve(kb.path, TASK, tmp_path / "b", per_class=40, mode="t2i", dedup_threshold=None)
+    assert summary["short_classes"]["count"] == 0  # 30 planted + random neighbours: enough for 40
+    # only the 91 planted pairs have matching image and caption: no class can keep 100
+    strict = retrieve(kb.path, TASK, tmp_path / "c", per_class=100, mode="t2i", min_clip_score=0.5,
+                      dedup_threshold=None)
+    counts = strict["per_class_counts"]
+    assert strict["short_classes"]["count"] == 3 and all(25 <= v <= 91 for v in counts.values())
+    assert strict["short_classes"]["missing_pairs"] == sum(100 - v for v in counts.values())
+
+
+def test_near_duplicates_above_the_exact_size(tmp_path):
+    """Over EXACT_DEDUP_MAX kept pairs the IVF path runs; it finds planted near-duplicates as exact search does."""
+    from react_vl.retrieve import EXACT_DEDUP_MAX, near_duplicates
+    rng = np.random.default_rng(3)
+    n = EXACT_DEDUP_MAX + 5_000
+    img = _normalise(rng.standard_normal((n, 32)))
+    copies = rng.choice(n - 1000, 200, replace=False)
+    img[n - 200:] = _normalise(img[copies] + 0.02 * rng.standard_normal((200, 32)) / np.sqrt(32))
+    kb = make_kb(tmp_path / "kb", img, img, [0, 1])
+    removed = near_duplicates(kb, np.arange(n), 0.99)
+    cosine = np.einsum("ij,ij->i", img[copies], img[n - 200:])
+    assert (cosine > 0.99).all() and removed[n - 200:].all() and removed.sum() == 200
+
+
+def test_index_tuned_at_a_smaller_k_is_retuned(tmp_path):
+    """An IVF index tuned for recall@10 is re-tuned at retrieve's k; the setting used is in the summary."""
+    from react_vl.index import build_index
+    from test_index import clustered
+    rng = np.random.default_rng(5)
+    img, text = clustered(12_000, 32, rng, 20), clustered(12_000, 32, rng, 20)
+    kb = make_kb(tmp_path / "kb", img, text, [0, 1])
+    for kind in ("image", "text"):
+        build_index(kb, kind, factory="IVF64,Flat", k=10, n_queries=100, target_recall=0.9)
+    summary = retrieve(kb.path, TASK, tmp_path / "r", k=400, dedup_threshold=None)
+    for mode in ("t2t", "t2i"):
+        search = summary["search"][mode]
+        assert search["index_k"] == 10 and search["k"] == 400 and search["retuned"]
+        assert search["recall"] >= 0.9 and search["params"].startswith("nprobe=")
+        assert int(search["params"].split("=")[1]) >= int(search["index_params"].split("=")[1])
+    same_k = retrieve(kb.path, TASK, tmp_path / "s", k=10, dedup_threshold=None)
+    assert all(not same_k["search"][m]["retuned"] and same_k["search"][m]["params"] == summary["search"][m]["index_params"]
+               for m in ("t2t", "t2i"))
+
+
+def test_bad_arguments_are_refused(planted, tmp_path):
+    kb, _ = planted
+    with pytest.raises(ValueError, match="per_class must be at least 1, got 0"):
+        retrieve(kb.path, TASK, tmp_path / "a", per_class=0)
+    with pytest.raises(ValueError, match="mode must be t2t, t2i or both, got 'x'"):
+        retrieve(kb.path, TASK, tmp_path / "a", mode="x")
+    (tmp_path / "empty.json").write_text(json.dumps({**TASK.to_dict(), "classnames": []}))
+    result = CliRunner().invoke(main, ["retrieve", str(kb.path), "--task", str(tmp_path / "empty.json"),
+                                       "--out", str(tmp_path / "b")])
+    assert result.exit_code != 0 and "the class list is empty" in result.output
+
+
+def _many_classes(n: int) -> Task:
+    return Task("many", [f"{shape} number {i}" for i in range(n // 3) for shape in TASK.classnames][:n],
+                list(TASK.templates))
+
+
+def _retrieve_cli(kb, task_file, out, *extra, torchrun=None):
+    import subprocess
+    import sys
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                "127.0.0.1", "--master_port", str(torchrun)] if torchrun else [sys.executable]
+    return subprocess.Popen([*launcher, "-m", "react_vl.cli", "retrieve", str(kb), "--task", str(task_file),
+                             "--out", str(out), "--per-class", "8", "--hits-per-chunk", "40", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(planted, tmp_path):
+    kb, _ = planted
+    (tmp_path / "task.json").write_text(json.dumps(_many_classes(12).to_dict()))
+    two = _retrieve_cli(kb.path, tmp_path / "task.json", tmp_path / "r2", torchrun=_free_port())
+    one = _retrieve_cli(kb.path, tmp_path / "task.json", tmp_path / "r1")
+    for run in (two, one):
+        assert run.wait(timeout=300) == 0, run.stdout.read()[-3000:]
+    summary = json.loads((tmp_path / "r2" / "summary.json").read_text())
+    assert [r["chunks"] for r in summary["chunks"]["ranks"]] == [6, 6] and summary["retrieved"] > 0
+    assert pq.read_table(tmp_path / "r2" / "retrieved.parquet").equals(pq.read_table(tmp_path / "r1" / "retrieved.parquet"))
+
+
+@pytest.mark.slow
+def test_sigkill_mid_retrieve_resumes(planted, tmp_path):
+    """Killed after some chunk files were written: the rerun searches only the others, same result."""
+    import signal
+    import time
+    kb, _ = planted
+    (tmp_path / "task.json").write_text(json.dumps(_many_classes(150).to_dict()))
+    killed = _retrieve_cli(kb.path, tmp_path / "task.json", tmp_path / "r", "--k", "600")
+    while killed.poll() is None and len(list((tmp_path / "r").rglob("chunk-*.npz"))) < 2:
+        time.sleep(0.002)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    done = len(list((tmp_path / "r").rglob("chunk-*.npz")))
+    assert 2 <= done < 150 and not (tmp_path / "r" / "retrieved.parquet").exists(), f"{done} chunks at kill"
+    resumed = _retrieve_cli(kb.path, tmp_path / "task.json", tmp_path / "r", "--k", "600")
+    once = _retrieve_cli(kb.path, tmp_path / "task.json", tmp_path / "once", "--k", "600")
+    for run in (resumed, once):
+        assert run.wait(timeout=300) == 0, run.stdout.read()[-3000:]
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["chunks"]["total"] == 150 and summary["chunks"]["searched"] == 150 - done
+    assert pq.read_table(tmp_path / "r" / "retrieved.parquet").equals(pq.read_table(tmp_path / "once" / "retrieved.parquet"))
+    assert not list((tmp_path / "r").rglob("*.tmp"))

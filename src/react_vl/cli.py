@@ -149,21 +149,29 @@ def index(kb, memory_budget, target_recall, k, n_queries, kinds):
 @click.option("--eval-set", type=click.Path(exists=True), default=None,
               help="Evaluation images (.npy of embeddings, or a webdataset folder) whose near-duplicates are dropped.")
 @click.option("--eval-threshold", type=float, default=0.95, help="Image cosine counted as an evaluation near-duplicate.")
+@click.option("--hits-per-chunk", type=int, default=4_000_000,
+              help="Hits (query x k x mode) searched and held at a time: bounds memory.")
 def retrieve(kb, task, out, mode, k, per_class, model, dedup_threshold, no_dedup, min_clip_score, eval_set,
-             eval_threshold):
+             eval_threshold, hits_per_chunk):
     """Retrieve the knowledge-base pairs most relevant to a task's class-name prompts.
 
-    KB: an indexed knowledge base (`react-vl index`). Writes OUT/retrieved.parquet and OUT/summary.json.
+    KB: an indexed knowledge base (`react-vl index`). Writes OUT/retrieved.parquet and OUT/summary.json;
+    resumes a killed run from OUT/parts/. Runs as it is under torchrun (the classes are split
+    between the processes): torchrun --nproc_per_node 8 -m react_vl.cli retrieve KB --task ... --out R
     """
+    from .distributed import world_info_from_env
     from .retrieve import retrieve as retrieve_pairs
     try:
         summary = retrieve_pairs(kb, task, out, mode=mode, k=k, per_class=per_class, model=model,
                                  dedup_threshold=None if no_dedup else dedup_threshold,
-                                 min_clip_score=min_clip_score, eval_set=eval_set, eval_threshold=eval_threshold)
+                                 min_clip_score=min_clip_score, eval_set=eval_set, eval_threshold=eval_threshold,
+                                 hits_per_chunk=hits_per_chunk)
     except (ValueError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
-    click.echo(f"{summary['retrieved']} pairs for {summary['task']} in {out} (removed: {summary['removed']}; "
-               f"see {out}/summary.json)")
+    if world_info_from_env()[0] == 0:
+        short = summary["short_classes"]["count"]
+        click.echo(f"{summary['retrieved']} pairs for {summary['task']} in {out} (removed: {summary['removed']}; "
+                   f"{short} classes short of --per-class; see {out}/summary.json)")
 
 
 # --- materialize -------------------------------------------------------------------------------
