@@ -4,7 +4,8 @@ import json
 import shutil
 
 from conftest import TINY_WORLD
-from react_vl.demo import RANDOM_CONTROL, DemoConfig, pretrain_base, run_demo
+from react_vl.demo import RANDOM_CONTROL, DemoConfig, run_demo
+from react_vl.experiment import cache_key, pretrain_base
 
 
 def test_shrunken_demo_runs_every_stage(tiny_world, tmp_path, capsys):
@@ -59,6 +60,7 @@ def test_demo_and_study_commands_pass_the_base_model_options(monkeypatch):
 
     import react_vl.cli as cli
     import react_vl.study as study
+    from react_vl.study import StudyConfig
 
     seen = {}
     monkeypatch.setattr(cli, "run_demo", lambda out, config, cache_dir: seen.update(demo=config))
@@ -69,4 +71,5 @@ def test_demo_and_study_commands_pass_the_base_model_options(monkeypatch):
         assert (seen[command].base_batch, seen[command].base_steps) == (512, 7)
     assert seen["demo"].steps == DemoConfig().steps and seen["demo"].world.seed == DemoConfig().seed
     assert seen["demo"].mix_ratio == DemoConfig().mix_ratio > 0
-    assert (seen["study"].steps, seen["study"].mix_ratio) == (150, 0.0)  # the study's short schedule
+    assert seen["study"] == StudyConfig(base_steps=7, base_batch=512)  # the study's own short schedule
+    assert cache_key(seen["demo"]) == cache_key(seen["study"])  # one cached base model serves both

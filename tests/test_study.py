@@ -1,5 +1,6 @@
 """The study: a shrunken run through the real stages on the tiny world, and the seed statistics."""
 
+import dataclasses
 import json
 import shutil
 
@@ -8,12 +9,12 @@ import pytest
 from conftest import TINY_WORLD
 from PIL import Image
 
-from react_vl.concepts import MINI_TASKS
-from react_vl.demo import CONTROL_TASKS, TARGET_TASKS, DemoConfig, _cache_key
+from react_vl.concepts import CONTROL_TASKS, MINI_TASKS, TARGET_TASKS
+from react_vl.experiment import cache_key
 from react_vl.study import (
     ABLATIONS,
-    STUDY_SCHEDULE,
     Run,
+    StudyConfig,
     base_row,
     choose_schedule,
     gain_in_seed_std,
@@ -26,8 +27,8 @@ from react_vl.study import (
 )
 
 # base_* as tests/conftest.py's tiny_trained_model was trained, which the study finds in its base cache
-TINY = DemoConfig(world=TINY_WORLD, model="mini-vit-test", base_steps=40, base_batch=64, base_lr=1e-3, per_class=8,
-                  steps=4, batch=32, mix_ratio=0.0, precision="fp32", workers=0)
+TINY = StudyConfig(world=TINY_WORLD, model="mini-vit-test", base_steps=40, base_batch=64, base_lr=1e-3, per_class=8,
+                   steps=4, batch=32, precision="fp32", workers=0)
 
 
 def _result(seed, scores, trainable=10):
@@ -74,11 +75,11 @@ def test_study_figure_draws_one_panel_per_finished_curve():
 
 
 def test_plan_shares_runs_and_refuses_unknown_ablations():
-    plan = plan_study(DemoConfig(**STUDY_SCHEDULE), quick=False)
+    plan = plan_study(StudyConfig(), quick=False)
     keys = {label: run.key for label, run in plan["strategy"]}
     assert keys["gated-image"] == dict(plan["subset"])["retrieved"].key == dict(plan["mode"])["both"].key
     assert [label for label, _ in plan["layers"]] == [f"{n} of 6" for n in range(1, 7)]
-    assert len(plan["size"]) == 3 and len(plan_study(DemoConfig(**STUDY_SCHEDULE), quick=True)["size"]) == 2
+    assert len(plan["size"]) == 3 and len(plan_study(StudyConfig(), quick=True)["size"]) == 2
     assert [label for label, _ in plan["forgetting"]] == ["150 steps", "150 steps, 25% general pairs",
                                                           "150 steps, 50% general pairs", "50 steps", "600 steps",
                                                           "600 steps, 50% general pairs",
@@ -89,11 +90,9 @@ def test_plan_shares_runs_and_refuses_unknown_ablations():
     forgetting = dict(plan["forgetting"])
     assert {run.key for _, run in plan["schedule"]} >= {forgetting["600 steps, 50% general pairs"].key,
                                                         forgetting["150 steps"].key}  # shared runs train once
-    assert len(plan_study(DemoConfig(**STUDY_SCHEDULE), quick=True)["schedule"]) == 4
+    assert len(plan_study(StudyConfig(), quick=True)["schedule"]) == 4
     with pytest.raises(ValueError, match="unknown ablation"):
-        plan_study(DemoConfig(**STUDY_SCHEDULE), ablations=["strategy", "colour"])
-    with pytest.raises(ValueError, match="set their own mixing"):  # the demo's defaults mix
-        plan_study(DemoConfig())
+        plan_study(StudyConfig(), ablations=["strategy", "colour"])
 
 
 def test_schedule_is_chosen_on_validation_scores_by_the_fixed_rule():
@@ -125,9 +124,9 @@ def test_shrunken_study_end_to_end_and_resumes(tiny_world, tiny_trained_model, t
     out, cache = tmp_path / "study", tmp_path / "cache"
     shutil.copytree(tiny_world, out / "world")  # the same world config: generate_world keeps it
     # the session's pretrained tiny base (same model, steps, batch, lr, seed) is the cached base the study reuses
-    base = shutil.copytree(tiny_trained_model.parent, cache / f"base-{_cache_key(TINY)}")
+    base = shutil.copytree(tiny_trained_model.parent, cache / f"base-{cache_key(TINY)}")
     (base / "summary.json").write_text(json.dumps({**json.loads((base / "summary.json").read_text()),
-                                                   "cache_key": _cache_key(TINY)}))
+                                                   "cache_key": cache_key(TINY)}))
     summary = run_study(out, quick=True, config=TINY, seeds=1, ablations=["subset", "schedule"], cache_dir=cache)
 
     saved = json.loads((out / "study.json").read_text())
@@ -168,7 +167,7 @@ def test_shrunken_study_end_to_end_and_resumes(tiny_world, tiny_trained_model, t
     assert [p.stat().st_mtime_ns for p in results] == stamps  # no run was redone
     assert again["tables"] == summary["tables"]
     with pytest.raises(ValueError, match="steps"):
-        run_study(out, quick=True, config=DemoConfig(**{**TINY.__dict__, "steps": 5}), seeds=1, cache_dir=cache)
+        run_study(out, quick=True, config=dataclasses.replace(TINY, steps=5), seeds=1, cache_dir=cache)
 
 
 def test_cli_documents_the_time_and_refuses_bad_options(tmp_path):

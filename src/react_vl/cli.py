@@ -316,7 +316,7 @@ def base_model_options(command):
               help="Skip the control run on a random knowledge-base subset of the retrieved size.")
 @click.option("--cache-dir", default="~/.cache/react-vl", help="Where trained base models are kept for reuse; "
               "'' turns the cache off.")
-@click.option("--workers", default=2, type=int, help="Data-loading worker processes.")
+@click.option("--workers", default=DemoConfig.workers, type=int, help="Data-loading worker processes.")
 def demo(out, seed, base_steps, base_batch, steps, mix_ratio, no_random_control, cache_dir, workers):
     """Run the whole pipeline offline on the mini world and write a report.
 
@@ -355,9 +355,9 @@ def study(out, quick, seeds, ablations, base_steps, base_batch):
     3 seeds) 2 h 57 min with native bf16; --quick (1 seed, 16 runs) about 35 min (30 min
     measured before the schedule ablation added 2 runs).
     """
-    from .study import ABLATIONS, STUDY_SCHEDULE, run_study
+    from .study import ABLATIONS, StudyConfig, run_study
 
-    run_study(out, quick=quick, config=DemoConfig(base_steps=base_steps, base_batch=base_batch, **STUDY_SCHEDULE),
+    run_study(out, quick=quick, config=StudyConfig(base_steps=base_steps, base_batch=base_batch),
               seeds=seeds if seeds is not None else 1 if quick else 3, ablations=ablations or ABLATIONS)
 
 

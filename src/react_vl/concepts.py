@@ -43,3 +43,5 @@ MINI_TASKS = {
         "pixel art of a {}.", "a pixelated {}.", "8-bit pixel art of a {}."]},
 }
 ATTRIBUTE_CLASSES = {"shape": SHAPES, "color": list(COLORS)}
+TARGET_TASKS = [name for name, spec in MINI_TASKS.items() if spec["role"] == "target"]
+CONTROL_TASKS = [name for name, spec in MINI_TASKS.items() if spec["role"] == "control"]

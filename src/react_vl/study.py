@@ -47,20 +47,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .demo import (
-    CONTROL_TASKS,
-    TARGET_TASKS,
-    DemoConfig,
-    StageClock,
-    _versions,
-    prepare,
-    random_subset,
-    retrieve_targets,
-    write_subset,
-)
+from .concepts import ATTRIBUTE_CLASSES, CONTROL_TASKS, MINI_TASKS, TARGET_TASKS
+from .experiment import ExperimentConfig, StageClock, prepare, random_subset, retrieve_targets, versions, write_subset
 from .strategies import GATED_STRATEGIES
 from .utils import atomic_path, markdown_table, read_json, write_json
-from .concepts import ATTRIBUTE_CLASSES, MINI_TASKS
 
 ABLATIONS = ("strategy", "subset", "mode", "size", "layers", "forgetting", "schedule")
 STRATEGY_ORDER = ("locked-image", "locked-text", "full", "gated-image", "gated-image-text")
@@ -74,10 +64,14 @@ SIZE_SHARES = (0.01, 0.10)  # retrieval size curve: these shares of the KB, plus
 MIX_RATIOS = (0.25, 0.5)  # share of every batch drawn from the pretraining corpus
 SCHEDULE_STEPS = (1, 2, 4)  # schedule ablation: these multiples of the default steps, each without and with mixing
 CONTROL_TOLERANCE = 2.0  # points a control task may lose for a schedule to be chosen (the demo's bar)
-# The ablations compare runs on a short schedule, the demo's before the schedule ablation chose
-# 4x the steps: on the demo's own schedule a seed's runs would take ~4x as long.
-STUDY_SCHEDULE = {"steps": 150, "mix_ratio": 0.0}
 TASKS = TARGET_TASKS + CONTROL_TASKS
+
+
+@dataclass
+class StudyConfig(ExperimentConfig):
+    """The study's settings: the demo's world, base model and retrieval; its rows customize on a
+    short schedule, a quarter of the demo's steps, and set their own mixing (`plan_study`)."""
+    steps: int = 150
 
 
 @dataclass(frozen=True)
@@ -106,16 +100,13 @@ def _depth(model_name: str) -> int:
     return open_clip.get_model_config(model_name)["vision_cfg"]["layers"]
 
 
-def plan_study(config: DemoConfig, quick: bool = False, ablations=ABLATIONS) -> dict[str, list[tuple[str, Run]]]:
+def plan_study(config: StudyConfig, quick: bool = False, ablations=ABLATIONS) -> dict[str, list[tuple[str, Run]]]:
     """Each ablation's rows: (label, run at seed 0). `quick` keeps fewer points of the long curves."""
     from .gated import default_gated_layers
 
     unknown = set(ablations) - set(ABLATIONS)
     if unknown:
         raise ValueError(f"unknown ablation(s) {sorted(unknown)}; choose from {', '.join(ABLATIONS)}")
-    if config.mix_ratio:
-        raise ValueError(f"the study's rows set their own mixing (got mix_ratio={config.mix_ratio}); "
-                         f"start from DemoConfig(**STUDY_SCHEDULE)")
     depth = _depth(config.model)
     default = Run(mode=config.retrieve_mode, per_class=config.per_class,
                   gated_layers=len(default_gated_layers(depth)), steps=config.steps)
@@ -176,7 +167,7 @@ def oracle_subset(kb_dir: Path, size: int, seed: int, out: Path) -> Path:
     return write_subset(metadata.take(picked), classes, 1.0, out)
 
 
-def training_set(study_dir: Path, kb: Path, run: Run, config: DemoConfig,
+def training_set(study_dir: Path, kb: Path, run: Run, config: StudyConfig,
                  subset_size: Callable[[], int] | None) -> tuple[Path, int]:
     """The shards `run` trains on, made (retrieve or draw, then materialize) the first time asked.
     `subset_size` gives the random and oracle subsets their size: the default retrieved set's."""
@@ -199,19 +190,19 @@ def training_set(study_dir: Path, kb: Path, run: Run, config: DemoConfig,
 
 
 # --- runs ----------------------------------------------------------------------------------------
-def scores_of(model_spec: str, study_dir: Path, out: Path, config: DemoConfig,
+def scores_of(model_spec: str, study_dir: Path, out: Path, workers: int,
               split: str = "eval") -> tuple[dict, float]:
     """Zero-shot score (percent) of one model on every target and control task (on the test sets, or
     on the validation sets with split="val"), and the seconds it took."""
     from .evaluate import evaluate
 
-    results = evaluate([model_spec], TASKS, data=str(study_dir / "world"), out=out, workers=config.workers,
+    results = evaluate([model_spec], TASKS, data=str(study_dir / "world"), out=out, workers=workers,
                        split=split)
     label = model_spec.split("=", 1)[0]
     return {t: round(100 * results["zero_shot"][t][label]["score"], 2) for t in TASKS}, results["seconds"]
 
 
-def do_run(study_dir: Path, kb: Path, base: Path, run: Run, config: DemoConfig,
+def do_run(study_dir: Path, kb: Path, base: Path, run: Run, config: StudyConfig,
            subset_size: Callable[[], int], validate: bool = False) -> dict:
     """Train and evaluate one run, or read its result if it exists (that is what makes the study resumable).
     `validate`: also score it on the validation sets (the schedule ablation chooses on them)."""
@@ -222,7 +213,7 @@ def do_run(study_dir: Path, kb: Path, base: Path, run: Run, config: DemoConfig,
     if (run_dir / "result.json").is_file():
         result = read_json(run_dir / "result.json")
         if validate and "val_scores" not in result:  # finished before it was a schedule candidate
-            result["val_scores"] = scores_of(model, study_dir, run_dir / "val_eval", config, "val")[0]
+            result["val_scores"] = scores_of(model, study_dir, run_dir / "val_eval", config.workers, "val")[0]
             write_json(result, run_dir / "result.json")
         return result
     shards, pairs = training_set(study_dir, kb, run, config, subset_size)
@@ -231,14 +222,14 @@ def do_run(study_dir: Path, kb: Path, base: Path, run: Run, config: DemoConfig,
                     batch_size=config.batch, precision=config.precision, seed=run.seed, workers=config.workers,
                     gated_layers_spec=run.gated_layers or None, mix_ratio=run.mix_ratio,
                     mix_shards=str(study_dir / "world" / "pretrain") if run.mix_ratio else None, resume=resume)
-    scores, eval_seconds = scores_of(model, study_dir, run_dir / "eval", config)
+    scores, eval_seconds = scores_of(model, study_dir, run_dir / "eval", config.workers)
     result = {"key": run.key, "seed": run.seed, "config": {**asdict(run), "lr": summary["args"]["lr"],
                                                            "batch_size": config.batch},
               "scores": scores, "train_pairs": pairs, "trainable_params": summary["trainable_params"],
               "gates": summary["final_gates"], "final_loss": summary["final_loss"],
               "seconds": {"train": round(summary["time_s"], 1), "eval": eval_seconds}}
     if validate:
-        result["val_scores"], val_seconds = scores_of(model, study_dir, run_dir / "val_eval", config, "val")
+        result["val_scores"], val_seconds = scores_of(model, study_dir, run_dir / "val_eval", config.workers, "val")
         result["seconds"]["eval"] = round(eval_seconds + val_seconds, 2)
     write_json(result, run_dir / "result.json")
     return read_json(run_dir / "result.json")  # as a resumed study reads it (JSON keys: layer numbers as strings)
@@ -482,7 +473,7 @@ def study_figure(summary: dict):
     return figure
 
 
-def _check_same_config(study_dir: Path, config: DemoConfig) -> None:
+def _check_same_config(study_dir: Path, config: StudyConfig) -> None:
     """A study folder holds one config: resuming with another would mix runs that are not comparable."""
     path = study_dir / "study-config.json"
     settings = {**json.loads(json.dumps(asdict(config))), "world": config.world.corpus_settings()}
@@ -496,10 +487,10 @@ def _check_same_config(study_dir: Path, config: DemoConfig) -> None:
         write_json(settings, path)
 
 
-def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: DemoConfig | None = None,
+def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: StudyConfig | None = None,
               seeds: int = 3, *, ablations=ABLATIONS, cache_dir: str | Path | None = "~/.cache/react-vl") -> dict:
     """Run (or resume) every ablation for `seeds` customization seeds; return what STUDY/study.json holds."""
-    config = config or DemoConfig(**STUDY_SCHEDULE)
+    config = config or StudyConfig()
     if seeds < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}")
     study_dir = Path(out)
@@ -510,48 +501,69 @@ def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: D
     started = time.time()
     base, kb = prepare(study_dir, config, Path(cache_dir).expanduser() if cache_dir else None, clock)
     with clock("base scores", "zero-shot scores of the base model on every task"):
-        if not (study_dir / "base_scores.json").is_file():
-            write_json(scores_of(f"base=@{base}", study_dir, study_dir / "base_eval", config)[0],
-                       study_dir / "base_scores.json")
-        base_scores = read_json(study_dir / "base_scores.json")
-        if "schedule" in plan and not (study_dir / "base_val_scores.json").is_file():  # what it chooses on
-            write_json(scores_of(f"base=@{base}", study_dir, study_dir / "base_val_eval", config, "val")[0],
-                       study_dir / "base_val_scores.json")
-        base_val_scores = read_json(study_dir / "base_val_scores.json") if "schedule" in plan else None
-
+        base_scores = base_model_scores(study_dir, base, config.workers, validate="schedule" in plan)
     default_retrieved = Run(mode=config.retrieve_mode, per_class=config.per_class)
 
     def subset_size() -> int:  # random and oracle subsets: as many pairs as the default retrieved set
         return training_set(study_dir, kb, default_retrieved, config, None)[1]
 
-    unique = {}
-    for seed in range(config.seed, config.seed + seeds):
-        for points in plan.values():
-            for _, run in points:
-                unique.setdefault(dataclasses.replace(run, seed=seed).key, dataclasses.replace(run, seed=seed))
+    seed_list = list(range(config.seed, config.seed + seeds))
+    runs = seeded_runs(plan, seed_list)
     candidates = {_setting(run.key) for _, run in plan.get("schedule", [])}
     records: dict[str, dict] = {}
     summary = {}
-    for run in tqdm(unique.values(), desc="study", unit="run"):
-        tqdm.write(f"\n== run {len(records) + 1}/{len(unique)}: {run.key}")
+    for run in tqdm(runs, desc="study", unit="run"):
+        tqdm.write(f"\n== run {len(records) + 1}/{len(runs)}: {run.key}")
         records[run.key] = do_run(study_dir, kb, base, run, config, subset_size,
                                   validate=_setting(run.key) in candidates)
-        tables = build_tables(plan, records, base_scores)
-        subset = {row["label"]: row for row in tables.get("subset", [])}
-        summary = {
-            "settings": {**asdict(config), "quick": quick, "ablations": list(plan)},
-            "seeds": list(range(config.seed, config.seed + seeds)), "depth": _depth(config.model),
-            "base": {"scores": base_scores, "val_scores": base_val_scores, "model": str(base)},
-            "tables": tables,
-            "retrieved_vs_random": gain_in_seed_std(subset["retrieved"], subset["random"])
-            if {"retrieved", "random"} <= set(subset) else None,
-            "schedule_choice": choose_schedule(plan["schedule"], records, base_val_scores)
-            if "schedule" in plan else None,
-            "runs": list(records.values()), "runs_done": len(records), "runs_planned": len(unique),
-            "run_seconds": round(sum(r["seconds"]["train"] + r["seconds"]["eval"] for r in records.values()), 1),
-            "stages": clock.seconds, "seconds": round(time.time() - started, 1), "versions": _versions(),
-        }
+        summary = study_summary(config, quick, plan, seed_list, base_scores, records, len(runs), clock, started)
         write_study(study_dir, summary)
     print(f"\nstudy: {study_dir / 'study.md'} and {study_dir / 'study.json'} "
           f"({len(records)} runs, {summary['seconds'] / 60:.0f} min)")
     return summary
+
+
+def base_model_scores(study_dir: Path, base: Path, workers: int, validate: bool) -> dict:
+    """The base model's test scores (STUDY/base_scores.json) and, with `validate`, its validation
+    scores (what the schedule is chosen on), each computed once: {"scores", "val_scores", "model"}."""
+    splits = {"scores": ("base_scores.json", "base_eval", "eval")}
+    if validate:
+        splits["val_scores"] = ("base_val_scores.json", "base_val_eval", "val")
+    scores = {"scores": None, "val_scores": None, "model": str(base)}
+    for field_name, (file_name, eval_dir, split) in splits.items():
+        if not (study_dir / file_name).is_file():
+            write_json(scores_of(f"base=@{base}", study_dir, study_dir / eval_dir, workers, split)[0],
+                       study_dir / file_name)
+        scores[field_name] = read_json(study_dir / file_name)
+    return scores
+
+
+def seeded_runs(plan: dict, seeds: list[int]) -> list[Run]:
+    """Every distinct run of the plan at every seed, seed by seed (a run two ablations share, once)."""
+    unique = {}
+    for seed in seeds:
+        for points in plan.values():
+            for _, run in points:
+                unique.setdefault(dataclasses.replace(run, seed=seed).key, dataclasses.replace(run, seed=seed))
+    return list(unique.values())
+
+
+def study_summary(config: StudyConfig, quick: bool, plan: dict, seeds: list[int], base: dict,
+                  records: dict[str, dict], planned: int, clock: StageClock, started: float) -> dict:
+    """What STUDY/study.json holds after the runs done so far: settings, base scores, every table,
+    the retrieved-vs-random gain, the schedule choice and every run."""
+    tables = build_tables(plan, records, base["scores"])
+    subset = {row["label"]: row for row in tables.get("subset", [])}
+    return {
+        "settings": {**asdict(config), "quick": quick, "ablations": list(plan)},
+        "seeds": seeds, "depth": _depth(config.model),
+        "base": base,
+        "tables": tables,
+        "retrieved_vs_random": gain_in_seed_std(subset["retrieved"], subset["random"])
+        if {"retrieved", "random"} <= set(subset) else None,
+        "schedule_choice": choose_schedule(plan["schedule"], records, base["val_scores"])
+        if "schedule" in plan else None,
+        "runs": list(records.values()), "runs_done": len(records), "runs_planned": planned,
+        "run_seconds": round(sum(r["seconds"]["train"] + r["seconds"]["eval"] for r in records.values()), 1),
+        "stages": clock.seconds, "seconds": round(time.time() - started, 1), "versions": versions(),
+    }
