@@ -21,8 +21,8 @@ def tiny_world(tmp_path_factory):
 def tiny_trained_model(tiny_world, tmp_path_factory):
     """model.pt of mini-vit-test pretrained (strategy full, from random init) on tiny_world's pretrain shards.
 
-    40 steps of batch 64: about 20-30 s on 2 idle cores; colour zero-shot well above chance
-    (32% on mini-color-photo, chance 12.5%), shape still near chance. RUN/summary.json beside it.
+    40 steps of batch 64: colour zero-shot well above chance, shape still near it. RUN/summary.json
+    beside it.
     """
     from react_vl.train import train
 

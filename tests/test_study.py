@@ -170,14 +170,13 @@ def test_shrunken_study_end_to_end_and_resumes(tiny_world, tiny_trained_model, t
         run_study(out, quick=True, config=dataclasses.replace(TINY, steps=5), seeds=1, cache_dir=cache)
 
 
-def test_cli_documents_the_time_and_refuses_bad_options(tmp_path):
+def test_cli_refuses_bad_options(tmp_path):
     from click.testing import CliRunner
 
     from react_vl.cli import main
 
     runner = CliRunner()
-    help_text = runner.invoke(main, ["study", "--help"]).output
-    assert "--quick" in help_text and "2 h 57 min" in help_text and "35 min" in help_text
+    assert "--quick" in runner.invoke(main, ["study", "--help"]).output
     # the CLI spells the ablation names out (importing study would load torch for --help): same list
     ablation_option = next(p for p in main.commands["study"].params if p.name == "ablations")
     assert tuple(ablation_option.type.choices) == ABLATIONS

@@ -323,8 +323,7 @@ def demo(out, seed, base_steps, base_batch, steps, mix_ratio, no_random_control,
     Generates the mini world, pretrains a small CLIP from scratch (cached: a second demo reuses
     it), embeds and indexes the knowledge base, retrieves pairs for the target tasks, customizes
     the base model (gated-image, locked-text, and gated-image on a random subset as a control)
-    and evaluates base vs customized on target and control tasks. From scratch on 2 CPU cores
-    with native bf16: 26.5 minutes measured (28.6 with the install), 11 of them customizing.
+    and evaluates base vs customized on target and control tasks. Sized for a 2-core CPU.
     """
     config = DemoConfig(world=WorldConfig(seed=seed), seed=seed, base_steps=base_steps, base_batch=base_batch,
                         steps=steps, mix_ratio=mix_ratio, random_control=not no_random_control, workers=workers)
@@ -349,11 +348,8 @@ def study(out, quick, seeds, ablations, base_steps, base_batch):
     (control tasks in every row, gate values per layer, mixing general pairs, fewer steps), and
     the customization schedule chosen on the world's validation sets. The world, base model
     (shared with `react-vl demo` through its cache), KB and retrieval are made once; seeds vary
-    the customization. A killed study resumes: finished runs are kept.
-
-    Time on 2 CPU cores, measured with the base model cached: the full study (24 runs a seed,
-    3 seeds) 2 h 57 min with native bf16; --quick (1 seed, 16 runs) about 35 min (30 min
-    measured before the schedule ablation added 2 runs).
+    the customization. A killed study resumes: finished runs are kept; study.json records
+    every run's seconds.
     """
     from .study import ABLATIONS, StudyConfig, run_study
 

@@ -12,8 +12,8 @@ COLORS = {
     "cyan": (40, 210, 220), "blue": (35, 70, 220), "purple": (135, 45, 185), "pink": (250, 130, 200),
 }
 TEXTURES = ["solid", "striped", "dotted", "checkered"]
-# Object radius as a share of the image side. One big object, as in the prototype that worked
-# (MINI-WORLD.md): with radii from 0.24 a 10-minute base reached only 59% on photo shapes.
+# Object radius as a share of the image side: one big object per image, which a small base learns
+# to name (smaller objects it learns slowly: docs/results/measurements-behind-defaults.md).
 SIZES = {"small": 0.30, "medium": 0.35, "large": 0.40}
 POSITIONS = {"center": (0, 0), "left": (-1, 0), "right": (1, 0), "top": (0, -1), "bottom": (0, 1)}
 BACKGROUNDS = {"white": (235, 235, 230), "gray": (128, 128, 128), "beige": (205, 190, 160),

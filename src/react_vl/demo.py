@@ -29,7 +29,8 @@ COLLAPSED_CLASS_PROMPTS = 0.9
 
 @dataclass
 class DemoConfig(ExperimentConfig):
-    """Everything the demo does, with defaults sized for 2 CPU cores in under 30 minutes (26.5 measured)."""
+    """Everything the demo does, with defaults sized to finish within 30 minutes on 2 CPU cores
+    (docs/results/measurements-behind-defaults.md)."""
     # customization: strategy -> learning rate (the paper's values)
     strategies: dict = field(default_factory=lambda: {"gated-image": 5e-4, "locked-text": 5e-5})
     # The schedule `react-vl study --ablation schedule` chose on the world's validation sets (never

@@ -43,9 +43,9 @@ class ExperimentConfig:
     per_class: int = 400
     # The embedding near-duplicate filters (the paper's 0.94 among results, 0.95 against the
     # evaluation images) are off: in the small base's space an image's nearest *other* KB image
-    # sits at cosine 0.994 (median), closer than its own JPEG copy (0.989, 1st percentile), so no
-    # threshold tells copies from distinct images, and at 0.95 they removed 84% of the candidates.
-    # No evaluation image can leak: the world renders them from their own seeds (tests/test_world.py).
+    # sits closer than its own JPEG copy, so no threshold tells copies from distinct images
+    # (docs/results/measurements-behind-defaults.md). No evaluation image can leak: the world
+    # renders them from their own seeds (tests/test_world.py).
     dedup_threshold: float | None = None
     eval_threshold: float | None = None
     # customization

@@ -46,7 +46,7 @@ def sample_few_shot(labels: torch.Tensor, shots: int, seed: int) -> torch.Tensor
 
 @contextlib.contextmanager
 def _one_thread_if_small(features: torch.Tensor, limit: int = 2**20):
-    """Small probes run ~50x faster on one thread on a busy CPU: the work is too small to share."""
+    """Small probes run much faster on one thread on a busy CPU: the work is too small to share."""
     threads = torch.get_num_threads()
     if features.numel() < limit:
         torch.set_num_threads(1)

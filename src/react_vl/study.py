@@ -26,15 +26,7 @@ Every run writes STUDY/runs/<key>/result.json; a run whose result exists is not 
 killed study continues where it stopped, and a run several ablations share (the default
 gated-image run is in most) is trained once. Runs go seed by seed, and STUDY/study.json (every
 run), STUDY/study.md (tables, mean ± std over seeds) and STUDY/study.png (the same as pictures)
-are rewritten after each run.
-
-Time on 2 CPU cores with native bf16, the base model cached: the full study (24 runs a seed, 3
-seeds, 72 runs) took 2 h 57 min, measured in two parts: 155 min for the 66 runs before the
-schedule ablation (about 2 min a 150-step run, 6 min a 600-step one, plus 4 min to embed the
-KB) and 22 min for what it added (6 runs of 300 steps, validation scores for 12). The faster CPU
-attention kernel came in between, so a study from scratch now takes less. `--quick --seeds 3`
-(then 42 runs) took 85 min without native bf16 (fp32), `--quick` alone ~30 min, before the
-schedule ablation added 2 runs a seed. Every run's seconds are in study.json.
+are rewritten after each run, with every run's seconds (docs/results has the times measured).
 """
 
 import dataclasses

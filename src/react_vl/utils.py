@@ -88,8 +88,7 @@ def resolve_device(device: str | None = None) -> "torch.device":
 def autocast_dtype(precision: str, device: "torch.device") -> "torch.dtype | None":
     """The autocast dtype of a --precision (auto, fp32, bf16, fp16) on `device`. auto: bf16 on GPUs
     that support it (fp16 on older ones) and on CPUs with native bf16 instructions; fp32 on other
-    CPUs, where emulated bf16 is slower (2.5x measured here on an AVX-512 Xeon without
-    avx512_bf16). fp32 turns autocast off."""
+    CPUs, where emulated bf16 is slower than fp32. fp32 turns autocast off."""
     import torch
 
     if precision == "auto":
