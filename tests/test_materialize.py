@@ -47,7 +47,12 @@ def test_materialize_streams_original_pairs_into_shards(world_kb, tmp_path):
 
     originals = {(p.shard, p.key): p for p in iter_corpus(sorted({r["shard"] for r in rows}))}
     samples = list(wds.WebDataset([str(tmp_path / "shards" / name) for name in summary["shards"]], shardshuffle=False))
-    assert len(samples) == summary["count"] == len(rows) and len(summary["shards"]) == -(-len(rows) // 100)
+    assert len(samples) == summary["count"] == len(rows)
+    per_source = Counter(row["shard"] for row in rows + [lost])  # each source shard holds > 100: a unit alone
+    assert len(summary["shards"]) == sum(-(-n // 100) for n in per_source.values())
+    sizes = [sum(1 for _ in wds.WebDataset(str(tmp_path / "shards" / name), shardshuffle=False))
+             for name in summary["shards"]]
+    assert max(sizes) == 100 and sum(sizes) == len(rows)
     by_id = {row["id"]: row for row in rows}
     for sample in samples:
         record = json.loads(sample["json"])
@@ -79,8 +84,8 @@ def test_rerun_replaces_shards_and_bad_input_is_named(world_kb, tmp_path):
     assert materialize(tmp_path / "few.parquet", tmp_path / "out", maxcount=10, progress=False)["count"] == 5
     assert sorted(p.name for p in (tmp_path / "out").glob("*.tar")) == ["shard-000000.tar"]
 
-    pq.write_table(pa.table({"id": [1], "caption": ["x"]}), tmp_path / "bad.parquet")
-    with pytest.raises(ValueError, match=r"bad.parquet lacks column\(s\) \['key', 'shard'\]"):
+    pq.write_table(pa.table({"id": [1], "url": ["https://x/1.jpg"]}), tmp_path / "bad.parquet")
+    with pytest.raises(ValueError, match=r"bad.parquet lacks column\(s\) \['caption'\]"):
         materialize(tmp_path / "bad.parquet", tmp_path / "out2")
     with pytest.raises(FileNotFoundError, match="no retrieved set at .*nothing"):
         materialize(tmp_path / "nothing", tmp_path / "out3")
