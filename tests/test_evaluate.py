@@ -199,7 +199,6 @@ def test_cli_evaluate_prints_the_table(tmp_path, two_checkpoints, monkeypatch):
 
 
 def test_mini_world_tasks_by_name_with_retrieval_on_their_captions(tiny_world, two_checkpoints, tmp_path):
-    pytest.importorskip("react_vl.tasks")
     tasks = ["mini-shape-photo", "mini-color-photo"]
     results = evaluate([f"base=@{two_checkpoints / 'm0.pt'}"], tasks, data=tiny_world, out=tmp_path / "EVAL")
     for task in tasks:
@@ -222,12 +221,8 @@ def test_val_split_reads_the_validation_sets_and_never_falls_back_to_the_test_se
         evaluate(model, [TASK], data=tmp_path / "data", out=tmp_path / "EVAL", split="val")
 
 
-def test_trained_model_beats_chance_on_a_control_task(request, tiny_world, tmp_path):
-    try:
-        model_path = request.getfixturevalue("tiny_trained_model")
-    except pytest.FixtureLookupError:
-        pytest.skip("the tiny_trained_model fixture (tests/conftest.py) is not there yet")
-    results = evaluate([f"trained=@{model_path}"], ["mini-color-photo"], data=tiny_world, out=tmp_path / "EVAL")
+def test_trained_model_beats_chance_on_a_control_task(tiny_world, tiny_trained_model, tmp_path):
+    results = evaluate([f"trained=@{tiny_trained_model}"], ["mini-color-photo"], data=tiny_world, out=tmp_path / "EVAL")
     report = results["zero_shot"]["mini-color-photo"]["trained"]
     assert report["top1"] > 1.5 / len(report["per_class_accuracy"])
 

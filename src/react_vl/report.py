@@ -115,8 +115,6 @@ def _results_section(summary: dict) -> str:
         cells += [_with_delta(result.get(name), base) for name in strategies]
         rows.append((f" class=\"{_esc(result.get('role', ''))}\"", cells))
     body = _table(header, rows)
-    if summary.get("controls"):
-        body += "<h3>Controls</h3>" + _stats_html(summary["controls"], counts_as_shares=False)
     if summary.get("class_prompt_cosine"):
         body += ("<h3>Mean cosine between class prompts (near 1: the text tower does not tell the classes "
                  "apart, and a locked text tower gives customization nothing to aim at)</h3>"
@@ -175,7 +173,7 @@ def _samples_section(demo_dir: Path, tasks: dict | None) -> str:
         shown = {name: sorted(group, key=_score, reverse=True)[:SAMPLES_PER_CLASS]
                  for name, group in sorted(by_class.items())}
         noise = sorted(rows, key=_score)[:NOISE_SAMPLES]
-        images, skipped = _read_images([*noise, *(r for g in shown.values() for r in g)], demo_dir)
+        images, skipped = _read_images([*noise, *(r for g in shown.values() for r in g)])
         body += f"<h3>{_esc(task_dir.name)}: {len(rows):,} retrieved pairs</h3>"
         for name, group in shown.items():
             body += (f"<p><b>{_esc(name)}</b>: {len(by_class[name]):,} pairs, best scored</p>"
@@ -193,8 +191,8 @@ def _gates_section(demo_dir: Path) -> str:
     gates_by_run = {}
     for run_dir in _run_dirs(demo_dir):
         summary = _read_json_or_none(run_dir / "summary.json") or {}
-        gates = summary.get("final_gates") or summary.get("gates")
-        if not gates:
+        gates = summary.get("final_gates")
+        if not gates:  # a run stopped before its summary: the last gates it logged
             logged = [r["gates"] for r in _read_log(run_dir / "log.jsonl")[0] if r.get("gates")]
             gates = logged[-1] if logged else None
         if gates:
@@ -218,7 +216,7 @@ def _gates_section(demo_dir: Path) -> str:
 
 
 def _curves_section(demo_dir: Path) -> str:
-    """Loss per step for base pretraining and every customization; accuracy where logged."""
+    """Loss per step for base pretraining and every customization."""
     logs = {"base": demo_dir / "base" / "log.jsonl"}
     logs.update({run_dir.name: run_dir / "log.jsonl" for run_dir in _run_dirs(demo_dir)})
     records, bad_lines = {}, 0
@@ -234,22 +232,7 @@ def _curves_section(demo_dir: Path) -> str:
         points = [(r["step"], r["loss"]) for r in rows if "loss" in r and "step" in r]
         axis.plot(*zip(*points))
         axis.set(title=name, xlabel="step", ylabel="contrastive loss")
-    body = _chart(figure, "loss curves")
-    evaluated = {name: [r for r in rows if r.get("eval")] for name, rows in records.items()}
-    evaluated = {name: rows for name, rows in evaluated.items() if rows}
-    if evaluated:
-        figure = Figure(figsize=(3.6 * len(evaluated), 3), layout="constrained")
-        for axis, (name, rows) in zip(figure.subplots(1, len(evaluated), squeeze=False)[0],
-                                      evaluated.items()):
-            for task in dict.fromkeys(t for r in rows for t in r["eval"]):
-                points = [(r["step"], r["eval"][task]) for r in rows if task in r["eval"]]
-                axis.plot(*zip(*points), marker=".", label=task)
-            axis.set(title=name, xlabel="step", ylabel="accuracy")
-            axis.legend(fontsize=7)
-        body += _chart(figure, "accuracy curves")
-    else:
-        body += _note("no accuracy was logged during training.")
-    body += _runs_table(demo_dir)
+    body = _chart(figure, "loss curves") + _runs_table(demo_dir)
     if bad_lines:
         body += _note(f"{bad_lines} unreadable log line(s) skipped.")
     return body
@@ -300,15 +283,15 @@ def _runs_table(demo_dir: Path) -> str:
     return "<h3>Runs</h3>" + _table(["field", *summaries], rows)
 
 
-def _read_images(rows: list[dict], demo_dir: Path) -> tuple[dict, Counter]:
+def _read_images(rows: list[dict]) -> tuple[dict, Counter]:
     """Data URIs of the rows' images, read out of their source shards by key, one pass per shard."""
     wanted = defaultdict(set)
     for row in rows:
         wanted[row["shard"]].add(row["key"])
     images, skipped = {}, Counter()
     for shard, keys in wanted.items():
-        path = _find_shard(shard, demo_dir)
-        if path is None:
+        path = Path(shard)  # absolute, as the knowledge base records it (data.list_shards)
+        if not path.is_file():
             skipped["in missing shards"] += len(keys)
             continue
         shard_skips = SkipLog()
@@ -322,14 +305,6 @@ def _read_images(rows: list[dict], demo_dir: Path) -> tuple[dict, Counter]:
         reason = "in corrupt shards" if shard_skips.counts["corrupt shard"] else "not found or undecodable"
         skipped[reason] += len(keys) - len(found)
     return images, +skipped
-
-
-def _find_shard(shard: str, demo_dir: Path) -> Path | None:
-    """A shard path as retrieve wrote it: absolute, or relative to the demo folder or the cwd."""
-    for candidate in (Path(shard), demo_dir / shard, demo_dir / "world" / shard):
-        if candidate.is_file():
-            return candidate
-    return None
 
 
 def _image_uri(data: bytes) -> str | None:
