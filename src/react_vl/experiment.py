@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .concepts import TARGET_TASKS
-from .utils import read_json, write_json
+from .utils import atomic_path, read_json, write_json
 from .world import WorldConfig
 
 
@@ -80,7 +80,7 @@ class StageClock:
 
 def pretrain_base(out: Path, config: ExperimentConfig, cache_dir: Path | None) -> Path:
     """The base CLIP: trained from scratch on the pretraining corpus, reused if already trained."""
-    from .train import train
+    from .train import TrainConfig, train
 
     run = out / "base"
     cached = cache_dir / f"base-{cache_key(config)}" if cache_dir else None
@@ -91,9 +91,10 @@ def pretrain_base(out: Path, config: ExperimentConfig, cache_dir: Path | None) -
                 shutil.copytree(candidate, run, dirs_exist_ok=True)
             print(f"reusing the base model trained earlier: {candidate / 'model.pt'}")
             return run / "model.pt"
-    summary = train(str(out / "world" / "pretrain"), config.model, None, run, strategy="full",
-                    steps=config.base_steps, batch_size=config.base_batch, lr=config.base_lr,
-                    precision=config.precision, seed=config.seed, workers=config.workers, resume="latest")
+    summary = train(TrainConfig(str(out / "world" / "pretrain"), run, model=config.model, strategy="full",
+                                steps=config.base_steps, batch_size=config.base_batch, lr=config.base_lr,
+                                precision=config.precision, seed=config.seed, workers=config.workers,
+                                resume="latest"))
     summary["cache_key"] = cache_key(config)
     write_json(summary, run / "summary.json")
     if cached:
@@ -149,8 +150,8 @@ def merge_retrieved(parts: list[Path], out: Path) -> Path:
         else:
             seen[row["id"]] = row
             rows.append(row)
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), out / "retrieved.parquet")
+    with atomic_path(out / "retrieved.parquet") as tmp:
+        pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), tmp)
     return out
 
 
@@ -168,8 +169,8 @@ def write_subset(rows: pa.Table, classes: list[list[str]], score: float, out: Pa
     """A drawn (not retrieved) subset of KB rows, in the retrieved-set format materialize reads."""
     rows = rows.append_column("score", pa.array(np.full(rows.num_rows, score, dtype=np.float32)))
     rows = rows.append_column("classes", pa.array(classes, pa.list_(pa.string())))
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(rows, out / "retrieved.parquet")
+    with atomic_path(out / "retrieved.parquet") as tmp:
+        pq.write_table(rows, tmp)
     return out
 
 
