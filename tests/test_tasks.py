@@ -7,7 +7,7 @@ from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TE
 from react_vl.tasks import METRICS, Task, get_task, list_tasks
 from react_vl.concepts import MINI_TASKS
 
-ELEVATER_METRICS = {  # docs: /work/shared/REFERENCE.md
+ELEVATER_METRICS = {  # each dataset's metric in the ELEVATER benchmark (Li et al., NeurIPS 2022)
     "cifar-10": "accuracy", "cifar-100": "accuracy", "country211": "accuracy", "dtd": "accuracy",
     "eurosat": "accuracy", "fer-2013": "accuracy", "food-101": "accuracy", "gtsrb": "accuracy",
     "kitti-distance": "accuracy", "mnist": "accuracy", "patch-camelyon": "accuracy", "rendered-sst2": "accuracy",

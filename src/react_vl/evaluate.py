@@ -303,7 +303,8 @@ def text_classifier(model, tokenizer, task, device) -> torch.Tensor:
 def class_prompt_cosine(classifier: torch.Tensor) -> float:
     """Mean cosine between the class embeddings (the classifier's columns). Near 1, the text
     tower does not tell the classes apart, and customizing with it locked has no distinct targets
-    to move the images towards (MINI-WORLD.md, failure 1): check it before customizing."""
+    to move the images towards (docs/results/measurements-behind-defaults.md): check it before
+    customizing."""
     count = classifier.shape[1]
     if count < 2:
         return 0.0

@@ -49,7 +49,8 @@ STRATEGY_ORDER = ("locked-image", "locked-text", "full", "gated-image", "gated-i
 # what each strategy does to the image and text towers, as the paper's strategy table shows it
 TOWERS = {"base": ("-", "-"), "locked-image": ("frozen", "tuned"), "locked-text": ("tuned", "frozen"),
           "full": ("tuned", "tuned"), "gated-image": ("gated", "frozen"), "gated-image-text": ("gated", "tuned")}
-# what the paper measured (ImageNet-1k zero-shot, ViT-B/32; /work/shared/REFERENCE.md), beside ours
+# what the paper measured (ImageNet-1k zero-shot, ViT-B/32: REACT's tuning-strategy and search-method
+# ablation tables), beside ours
 PAPER_IN1K = {"base": 63.2, "locked-image": 63.7, "locked-text": 66.9, "full": 64.3, "gated-image": 68.6,
               "gated-image-text": 68.7, "t2i": 65.8, "t2t": 68.6, "both": 68.6}
 SIZE_SHARES = (0.01, 0.10)  # retrieval size curve: these shares of the KB, plus the demo's per_class
@@ -198,7 +199,7 @@ def do_run(study_dir: Path, kb: Path, base: Path, run: Run, config: StudyConfig,
            subset_size: Callable[[], int], validate: bool = False) -> dict:
     """Train and evaluate one run, or read its result if it exists (that is what makes the study resumable).
     `validate`: also score it on the validation sets (the schedule ablation chooses on them)."""
-    from .train import train
+    from .train import TrainConfig, train
 
     run_dir = study_dir / "runs" / run.key
     model = f"run=@{run_dir / 'model.pt'}"
@@ -210,10 +211,12 @@ def do_run(study_dir: Path, kb: Path, base: Path, run: Run, config: StudyConfig,
         return result
     shards, pairs = training_set(study_dir, kb, run, config, subset_size)
     resume = "latest" if any((run_dir / "checkpoints").glob("step_*.pt")) else None
-    summary = train(str(shards), None, str(base), run_dir, strategy=run.strategy, steps=run.steps,
-                    batch_size=config.batch, precision=config.precision, seed=run.seed, workers=config.workers,
-                    gated_layers_spec=run.gated_layers or None, mix_ratio=run.mix_ratio,
-                    mix_shards=str(study_dir / "world" / "pretrain") if run.mix_ratio else None, resume=resume)
+    # workers: the trainer's default, which fits the loader to the retrieved set's few shards
+    summary = train(TrainConfig(str(shards), run_dir, pretrained=str(base), strategy=run.strategy, steps=run.steps,
+                                batch_size=config.batch, precision=config.precision, seed=run.seed,
+                                gated_layers=run.gated_layers or None, mix_ratio=run.mix_ratio,
+                                mix_shards=str(study_dir / "world" / "pretrain") if run.mix_ratio else None,
+                                resume=resume))
     scores, eval_seconds = scores_of(model, study_dir, run_dir / "eval", config.workers)
     result = {"key": run.key, "seed": run.seed, "config": {**asdict(run), "lr": summary["args"]["lr"],
                                                            "batch_size": config.batch},

@@ -66,9 +66,9 @@ JUNK_CAPTIONS = ["IMG_{n}.jpg", "DSC{n}", "click to enlarge", "image may contain
 
 @dataclass
 class WorldConfig:
-    """Sizes, style shares and seeds of a world. Defaults follow MINI-WORLD.md: the pretraining
-    corpus is dominated by photo, and in the knowledge base each rare style is a small share, so a
-    random subset of retrieval's size holds few pairs of a target's style."""
+    """Sizes, style shares and seeds of a world. The pretraining corpus is dominated by photo, and
+    in the knowledge base each rare style is a small share, so a random subset of retrieval's size
+    holds few pairs of a target's style (as a task's domain is a small share of LAION)."""
     seed: int = 0
     pretrain_size: int = 100_000
     kb_size: int = 100_000
