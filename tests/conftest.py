@@ -24,9 +24,9 @@ def tiny_trained_model(tiny_world, tmp_path_factory):
     40 steps of batch 64: colour zero-shot well above chance, shape still near it. RUN/summary.json
     beside it.
     """
-    from react_vl.train import train
+    from react_vl.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("tiny_trained")
-    train(tiny_world / "pretrain", "mini-vit-test", None, run, strategy="full", steps=40, batch_size=64, lr=1e-3,
-          warmup=4, log_every=5, checkpoint_every=40, seed=0)
+    train(TrainConfig(tiny_world / "pretrain", run, model="mini-vit-test", strategy="full", steps=40, batch_size=64,
+                      lr=1e-3, warmup=4, log_every=5, checkpoint_every=40, seed=0, workers=1))
     return run / "model.pt"

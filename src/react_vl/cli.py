@@ -10,6 +10,7 @@ import shlex
 import click
 
 from .demo import DemoConfig, run_demo
+from .train_config import TrainConfig
 from .world import WorldConfig
 
 
@@ -215,54 +216,77 @@ def materialize(retrieved, out, kb, maxcount, workers, no_download, processes_co
 # --- customize ---------------------------------------------------------------------------------
 @main.command()
 @click.argument("shards")
-@click.option("--model", "model_name", default=None, help="open_clip model name (e.g. ViT-B-32, mini-vit); may be "
-              "omitted when --pretrained is a react-vl checkpoint.")
-@click.option("--pretrained", default=None, help="open_clip pretrained tag or checkpoint path; omit to train from "
-              "random init (how the mini world's base model is pretrained, with --strategy full).")
+@click.option("--model", "model", default=TrainConfig.model, help="open_clip model name (e.g. ViT-B-32, mini-vit); "
+              "may be omitted when --pretrained is a react-vl checkpoint.")
+@click.option("--pretrained", default=TrainConfig.pretrained, help="open_clip pretrained tag or checkpoint path; "
+              "omit to train from random init (how the mini world's base model is pretrained, with --strategy full).")
 @click.option("--out", required=True, type=click.Path(), help="Run folder: model.pt, checkpoints/, log.jsonl, "
               "summary.json, curves.png.")
-@click.option("--strategy", default="gated-image", type=click.Choice(
+@click.option("--strategy", default=TrainConfig.strategy, type=click.Choice(
     ["gated-image", "gated-image-text", "locked-text", "locked-image", "full"]), help="Which weights train.")
 @click.option("--gated-layers", default=None, help="Image-tower layers that get gated blocks: a count of last "
               "layers ('6') or indices ('3,4,5'); default the last 6, or half of a shallower tower.")
-@click.option("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs).")
-@click.option("--epochs", type=float, default=1.0, help="Passes over SHARDS (its summary.json count, else counted).")
-@click.option("--batch-size", type=int, default=64, help="Global batch per micro-step, over all processes.")
-@click.option("--accum-steps", type=int, default=1, help="Micro-steps accumulated per optimizer step.")
-@click.option("--lr", type=float, default=None, help="Peak learning rate; default 5e-4 for gated strategies and "
-              "random init, 5e-5 when tuning pretrained base weights.")
-@click.option("--gate-lr-scale", type=float, default=1.0, help="Learning-rate multiplier for the gate alphas.")
-@click.option("--weight-decay", type=float, default=0.05, help="AdamW weight decay (never on gains, biases, "
-              "gates, logit scale).")
-@click.option("--warmup", type=int, default=None, help="Linear warm-up steps before the cosine decay; default 5% "
-              "of the steps.")
-@click.option("--grad-clip", type=float, default=1.0, help="Gradient-norm clip; 0 turns it off.")
+@click.option("--steps", type=int, default=TrainConfig.steps, help="Optimizer steps (overrides --epochs).")
+@click.option("--epochs", type=float, default=TrainConfig.epochs, help="Passes over SHARDS.")
+@click.option("--train-num-samples", type=int, default=TrainConfig.train_num_samples, help="Samples in SHARDS, "
+              "when neither SHARDS/summary.json nor img2dataset's _stats.json files say (else rank 0 counts them).")
+@click.option("--batch-size", type=int, default=TrainConfig.batch_size, help="Global batch per micro-step, over "
+              "all processes; a multiple of processes x --workers.")
+@click.option("--accum-steps", type=int, default=TrainConfig.accum_steps, help="Micro-steps accumulated per "
+              "optimizer step.")
+@click.option("--lr", type=float, default=TrainConfig.lr, help="Peak learning rate; default 5e-4 for gated "
+              "strategies and random init, 5e-5 when tuning pretrained base weights.")
+@click.option("--gate-lr-scale", type=float, default=TrainConfig.gate_lr_scale, help="Learning-rate multiplier for "
+              "the gate alphas.")
+@click.option("--weight-decay", type=float, default=TrainConfig.weight_decay, help="AdamW weight decay (never on "
+              "gains, biases, gates, logit scale).")
+@click.option("--warmup", type=int, default=TrainConfig.warmup, help="Linear warm-up steps before the cosine "
+              "decay; default 5% of the steps.")
+@click.option("--grad-clip", type=float, default=TrainConfig.grad_clip, help="Gradient-norm clip; 0 turns it off.")
 @precision_option
-@click.option("--augment/--no-augment", default=False, help="The paper's augmentation (RandAugment, random "
-              "resized crop 0.08-1, colour jitter 0.4, random erasing 0.25).")
-@click.option("--train-logit-scale/--freeze-logit-scale", default=True, help="Train the temperature (the public "
-              "REACT code does) or keep the base model's.")
-@click.option("--mix-shards", default=None, help="A second (general) shard set mixed into every batch, to bound "
-              "forgetting.")
-@click.option("--mix-ratio", type=float, default=0.0, help="Share of every batch taken from --mix-shards.")
-@click.option("--checkpoint-every", type=int, default=100, help="Write RUN/checkpoints/step_N.pt every N steps.")
-@click.option("--keep-checkpoints", type=int, default=3, help="How many of the latest checkpoints to keep.")
-@click.option("--resume", default=None, help="Checkpoint path, or 'latest' for the newest in RUN/checkpoints (a fresh start when there is none).")
-@click.option("--log-every", type=int, default=10, help="Steps between log.jsonl records.")
-@click.option("--seed", type=int, default=0, help="Seed of the init, data order and augmentation.")
-@click.option("--workers", type=int, default=1, help="Data loader processes per rank.")
-@click.option("--device", default="auto", help="auto, cpu, cuda or cuda:N (torchrun sets the rank's GPU).")
-def customize(shards, model_name, gated_layers, **options):
-    """Customize (or pretrain) a CLIP model on image-text webdataset SHARDS (a folder, a brace pattern or a glob).
+@click.option("--augment/--no-augment", default=TrainConfig.augment, help="The paper's augmentation (RandAugment, "
+              "random resized crop 0.08-1, colour jitter 0.4, random erasing 0.25).")
+@click.option("--train-logit-scale/--freeze-logit-scale", default=TrainConfig.train_logit_scale, help="Train the "
+              "temperature (the public REACT code does) or keep the base model's.")
+@click.option("--mix-shards", default=TrainConfig.mix_shards, help="A second (general) shard set mixed into every "
+              "batch, to bound forgetting.")
+@click.option("--mix-ratio", type=float, default=TrainConfig.mix_ratio, help="Share of every batch taken from "
+              "--mix-shards.")
+@click.option("--text-embeddings/--no-text-embeddings", default=TrainConfig.text_embeddings, help="With a locked "
+              "text tower, take the captions' knowledge-base embeddings stored in the shards instead of running "
+              "the text tower (shards without them run it).")
+@click.option("--local-loss", is_flag=True, default=TrainConfig.local_loss, help="Each process computes the loss "
+              "of its own rows only (local images vs all texts and back), as open_clip's --local-loss.")
+@click.option("--gather-with-grad", is_flag=True, default=TrainConfig.gather_with_grad, help="Gather the features "
+              "with gradients (open_clip's --gather-with-grad); with --local-loss a step equals a one-process step.")
+@click.option("--grad-checkpointing", is_flag=True, default=TrainConfig.grad_checkpointing, help="Recompute the "
+              "trained blocks' activations in the backward pass instead of storing them.")
+@click.option("--torch-compile", is_flag=True, default=TrainConfig.torch_compile, help="torch.compile the model.")
+@click.option("--checkpoint-every", type=int, default=TrainConfig.checkpoint_every, help="Write "
+              "RUN/checkpoints/step_N.pt every N steps.")
+@click.option("--keep-checkpoints", type=int, default=TrainConfig.keep_checkpoints, help="How many of the latest "
+              "checkpoints to keep.")
+@click.option("--resume", default=TrainConfig.resume, help="Checkpoint path, or 'latest' for the newest in "
+              "RUN/checkpoints (a fresh start when there is none).")
+@click.option("--log-every", type=int, default=TrainConfig.log_every, help="Steps between log.jsonl records.")
+@click.option("--seed", type=int, default=TrainConfig.seed, help="Seed of the init, data order and augmentation.")
+@click.option("--workers", type=int, default=TrainConfig.workers, help="Data loader processes per rank (each one "
+              "data stream with its own shards) [default: min(8, CPUs per process, shards per process)].")
+@click.option("--shuffle-buffer", type=int, default=TrainConfig.shuffle_buffer, help="Samples in each stream's "
+              "shuffle buffer.")
+@click.option("--device", default=TrainConfig.device, help="auto, cpu, cuda or cuda:N (torchrun sets the rank's GPU).")
+def customize(shards, gated_layers, **options):
+    """Customize (or pretrain) a CLIP model on image-text webdataset SHARDS (a folder, a brace pattern, a glob
+    or URLs: pipe:, http(s), s3:// ...).
 
-    Runs under torchrun as it is: torchrun --nproc-per-node 8 -m react_vl.cli customize ...
+    Runs under torchrun or srun as it is: torchrun --nproc-per-node 8 -m react_vl.cli customize ...
     """
     from .train import train
 
     layers = None
     if gated_layers:
         layers = [int(i) for i in gated_layers.split(",")] if "," in gated_layers else int(gated_layers)
-    train(shards, model_name, options.pop("pretrained"), options.pop("out"), gated_layers_spec=layers, **options)
+    train(TrainConfig(shards, gated_layers=layers, **options))
 
 
 # --- evaluate ----------------------------------------------------------------------------------

@@ -131,7 +131,7 @@ def training_sets(demo_dir: Path, kb: Path, config: DemoConfig, clock: StageCloc
 def customize_runs(demo_dir: Path, base: Path, config: DemoConfig, clock: StageClock) -> dict:
     """Customize the base with every strategy (and gated-image on the random control) into
     DEMO/runs/<label>; {label: (shards, learning rate)}."""
-    from .train import train
+    from .train import TrainConfig, train
 
     runs = {name: (demo_dir / "shards" / "retrieved", lr) for name, lr in config.strategies.items()}
     if config.random_control:
@@ -140,10 +140,11 @@ def customize_runs(demo_dir: Path, base: Path, config: DemoConfig, clock: StageC
     with clock("customize", f"customize the base model: {', '.join(runs)} ({config.steps} steps{mixed})"):
         for label, (shards, lr) in runs.items():
             strategy = label.split(" ")[0]
-            train(str(shards), None, str(base), demo_dir / "runs" / _slug(label), strategy=strategy,
-                  steps=config.steps, batch_size=config.batch, lr=lr, precision=config.precision,
-                  seed=config.seed, workers=config.workers, mix_ratio=config.mix_ratio,
-                  mix_shards=str(demo_dir / "world" / "pretrain") if config.mix_ratio else None)
+            # workers: the trainer's default, which fits the loader to the retrieved set's few shards
+            train(TrainConfig(str(shards), demo_dir / "runs" / _slug(label), pretrained=str(base), strategy=strategy,
+                              steps=config.steps, batch_size=config.batch, lr=lr, precision=config.precision,
+                              seed=config.seed, mix_ratio=config.mix_ratio,
+                              mix_shards=str(demo_dir / "world" / "pretrain") if config.mix_ratio else None))
     return runs
 
 

@@ -80,7 +80,7 @@ class StageClock:
 
 def pretrain_base(out: Path, config: ExperimentConfig, cache_dir: Path | None) -> Path:
     """The base CLIP: trained from scratch on the pretraining corpus, reused if already trained."""
-    from .train import train
+    from .train import TrainConfig, train
 
     run = out / "base"
     cached = cache_dir / f"base-{cache_key(config)}" if cache_dir else None
@@ -91,9 +91,10 @@ def pretrain_base(out: Path, config: ExperimentConfig, cache_dir: Path | None) -
                 shutil.copytree(candidate, run, dirs_exist_ok=True)
             print(f"reusing the base model trained earlier: {candidate / 'model.pt'}")
             return run / "model.pt"
-    summary = train(str(out / "world" / "pretrain"), config.model, None, run, strategy="full",
-                    steps=config.base_steps, batch_size=config.base_batch, lr=config.base_lr,
-                    precision=config.precision, seed=config.seed, workers=config.workers, resume="latest")
+    summary = train(TrainConfig(str(out / "world" / "pretrain"), run, model=config.model, strategy="full",
+                                steps=config.base_steps, batch_size=config.base_batch, lr=config.base_lr,
+                                precision=config.precision, seed=config.seed, workers=config.workers,
+                                resume="latest"))
     summary["cache_key"] = cache_key(config)
     write_json(summary, run / "summary.json")
     if cached:

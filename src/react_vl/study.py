@@ -199,7 +199,7 @@ def do_run(study_dir: Path, kb: Path, base: Path, run: Run, config: StudyConfig,
            subset_size: Callable[[], int], validate: bool = False) -> dict:
     """Train and evaluate one run, or read its result if it exists (that is what makes the study resumable).
     `validate`: also score it on the validation sets (the schedule ablation chooses on them)."""
-    from .train import train
+    from .train import TrainConfig, train
 
     run_dir = study_dir / "runs" / run.key
     model = f"run=@{run_dir / 'model.pt'}"
@@ -211,10 +211,12 @@ def do_run(study_dir: Path, kb: Path, base: Path, run: Run, config: StudyConfig,
         return result
     shards, pairs = training_set(study_dir, kb, run, config, subset_size)
     resume = "latest" if any((run_dir / "checkpoints").glob("step_*.pt")) else None
-    summary = train(str(shards), None, str(base), run_dir, strategy=run.strategy, steps=run.steps,
-                    batch_size=config.batch, precision=config.precision, seed=run.seed, workers=config.workers,
-                    gated_layers_spec=run.gated_layers or None, mix_ratio=run.mix_ratio,
-                    mix_shards=str(study_dir / "world" / "pretrain") if run.mix_ratio else None, resume=resume)
+    # workers: the trainer's default, which fits the loader to the retrieved set's few shards
+    summary = train(TrainConfig(str(shards), run_dir, pretrained=str(base), strategy=run.strategy, steps=run.steps,
+                                batch_size=config.batch, precision=config.precision, seed=run.seed,
+                                gated_layers=run.gated_layers or None, mix_ratio=run.mix_ratio,
+                                mix_shards=str(study_dir / "world" / "pretrain") if run.mix_ratio else None,
+                                resume=resume))
     scores, eval_seconds = scores_of(model, study_dir, run_dir / "eval", config.workers)
     result = {"key": run.key, "seed": run.seed, "config": {**asdict(run), "lr": summary["args"]["lr"],
                                                            "batch_size": config.batch},

@@ -1,51 +1,44 @@
 """Customize (or pretrain) a CLIP model on image-text webdataset shards: REACT's training stage.
 
-    summary = train("SHARDS/", "mini-vit", "base/model.pt", "RUN/", strategy="gated-image", steps=300)
+    summary = train(TrainConfig("SHARDS/", "RUN/", model="mini-vit", pretrained="base/model.pt", steps=300))
     torchrun --nproc-per-node 8 -m react_vl.cli customize SHARDS --model ViT-B-32 --pretrained openai --out RUN
 
 What it writes: RUN/model.pt (loads with `load_model(None, "RUN/model.pt")`),
 RUN/checkpoints/step_N.pt (the last few, for `resume`), RUN/log.jsonl (loss, lr, throughput,
 every gate per layer), RUN/summary.json, RUN/curves.png.
 
-The data stream is a pure function of (seed, position): every epoch reads the shards in a
-seeded order through a seeded shuffle buffer, and micro-batch m is the samples at stream
-positions [m*B, (m+1)*B). Each DDP rank decodes its own slice of that range, each loader worker
-every n-th micro-batch, and a resumed run starts at the position where the checkpoint stopped.
-So a resumed run, a run on 2 ranks and a run on 1 rank see the same global batches. Every rank
-reads (but does not decode) the whole stream: cheap next to the model for image-text pairs.
-Augmentation randomness is seeded per (micro-batch, rank) for the same reason.
+The data stream (react_vl.train_data) splits the shards over N = processes x loader workers
+logical streams, so each byte is read once per epoch; the global batches depend on N only, and
+a resumed run continues every stream where the checkpoint left it. With a locked text tower
+(gated-image, locked-text) and shards that carry their captions' knowledge-base embeddings
+(KEY.text_emb.npy, declared in SHARDS/summary.json), those embeddings are the text features
+and the text tower does not run for them.
 """
 
 import contextlib
-import io
-import itertools
 import json
 import math
 import os
-import random
 import time
-from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
-from torch.nn.attention import SDPBackend, sdpa_kernel
-import webdataset as wds
 from open_clip import image_transform
 from open_clip.transform import AugmentationCfg
-from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
+from . import strategies
+from .data import SkipLog
+from .distributed import DistEnv, init_distributed
 from .gated import gate_values, gated_layers
-from .loss import UniCLLoss, caption_ids
-from .models import CHECKPOINT_META_KEY, save_model
-from .strategies import GATED_STRATEGIES, build_model, set_trainable
-from .utils import atomic_path, atomic_save, autocast_dtype, read_json, resolve_device, write_json
-
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-COUNT_KEYS = ("count", "samples", "num_samples")
+from .loss import UniCLLoss
+from .models import CHECKPOINT_META_KEY, save_model, text_tower_fingerprint
+from .strategies import GATED_STRATEGIES, TRAINED_PARTS, build_model, set_trainable
+from .train_config import TrainConfig
+from .train_data import RankBatches, ShardSet, Source, check_streams, open_shard_set
+from .utils import atomic_path, atomic_save, autocast_dtype, write_json
 
 
 @dataclass
@@ -64,147 +57,11 @@ class PaperAugmentationCfg(AugmentationCfg):
     force_color_jitter: bool = True
 
 
-# --- data --------------------------------------------------------------------------------------
-def resolve_shards(spec) -> list[str]:
-    """A directory (its *.tar), a brace pattern ("s-{000..009}.tar"), a glob, a file or a list."""
-    if isinstance(spec, (list, tuple)):
-        return [u for s in spec for u in resolve_shards(s)]
-    spec = str(spec)
-    if Path(spec).is_dir():
-        found = sorted(str(p) for p in Path(spec).glob("*.tar"))
-    elif "{" in spec:
-        found = list(wds.shardlists.expand_urls(spec))
-    else:
-        found = sorted(str(p) for p in Path().glob(spec)) if any(c in spec for c in "*?[") else [spec]
-    missing = [u for u in found if not Path(u).is_file()]
-    if not found or missing:
-        raise FileNotFoundError(f"no shards found for {spec!r}" + (f" (missing: {missing[:3]})" if missing else ""))
-    return found
-
-
-class SkipCounter(Counter):
-    """Counts samples and shards that were skipped, by reason (never fatal)."""
-
-    def handler(self, err: Exception) -> bool:
-        self[f"unreadable: {type(err).__name__}"] += 1
-        return True
-
-    def complete(self, sample: dict) -> bool:
-        ok = "txt" in sample and any(e in sample for e in IMAGE_EXTS)
-        if not ok:
-            self["missing image or txt"] += 1
-        return ok
-
-
-def _epoch_samples(shards: list[str], seed: int, epoch: int, skipped: SkipCounter, buffer: int):
-    """The raw (undecoded) samples of one epoch, in a seeded shard order and seeded shuffle."""
-    order = list(shards)
-    random.Random(f"{seed}-{epoch}-shards").shuffle(order)
-    return wds.DataPipeline(
-        wds.SimpleShardList(order),
-        wds.tarfile_to_samples(handler=skipped.handler),
-        wds.select(skipped.complete),
-        wds.shuffle(buffer, initial=buffer, rng=random.Random(f"{seed}-{epoch}-buffer")),
-    )
-
-
-def count_samples(shards: list[str], spec=None) -> int:
-    """Samples in a shard set: SHARDS/summary.json's count when there is one, else counted once."""
-    summary = Path(str(spec)) / "summary.json" if spec is not None and Path(str(spec)).is_dir() else None
-    if summary is not None and summary.is_file():
-        counts = [read_json(summary).get(k) for k in COUNT_KEYS]
-        if any(isinstance(c, int) for c in counts):
-            return next(c for c in counts if isinstance(c, int))
-    skipped = SkipCounter()
-    pipeline = wds.DataPipeline(wds.SimpleShardList(shards), wds.tarfile_to_samples(handler=skipped.handler),
-                                wds.select(skipped.complete))
-    total = sum(1 for _ in tqdm(pipeline, desc="counting samples", unit=" samples", leave=False))
-    if total == 0:
-        raise ValueError(f"no readable image-text samples (an image and a .txt per key) in {len(shards)} "
-                         f"shard(s): {shards[:3]}{' ...' if len(shards) > 3 else ''}; skipped: {dict(skipped)}")
-    return total
-
-
-def _positions(shards, count, seed, start, skipped, buffer):
-    """(position, raw sample) from stream position `start` on, epoch after epoch, forever."""
-    for epoch in itertools.count(start // count):
-        first = start - epoch * count if epoch == start // count else 0
-        for i, sample in enumerate(_epoch_samples(shards, seed, epoch, skipped, buffer)):
-            if i >= count:
-                break
-            if i >= first:
-                yield epoch * count + i, sample
-
-
-class _Cursor:
-    """Takes position ranges, in increasing order, from a (position, sample) stream."""
-
-    def __init__(self, stream):
-        self.stream, self.pending = stream, None
-
-    def take(self, lo: int, hi: int) -> list[dict]:
-        taken = []
-        while True:
-            if self.pending is None:
-                self.pending = next(self.stream)
-            position, sample = self.pending
-            if position >= hi:
-                return taken
-            if position >= lo:
-                taken.append(sample)
-            self.pending = None
-
-
-@dataclass
-class Source:
-    shards: list[str]
-    count: int
-    per_batch: int  # global samples per micro-batch from this source
-
-
-class PairBatches(torch.utils.data.IterableDataset):
-    """Decoded micro-batches (images, tokens, caption ids, skip counts) for one rank, from micro-batch `start` on."""
-
-    def __init__(self, sources: list[Source], transform, tokenizer, seed: int, start: int,
-                 rank: int = 0, world_size: int = 1, buffer: int = 1000):
-        self.sources, self.transform, self.tokenizer = sources, transform, tokenizer
-        self.seed, self.start, self.rank, self.world_size, self.buffer = seed, start, rank, world_size, buffer
-
-    def __iter__(self):
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        skipped = SkipCounter()
-        cursors = [_Cursor(_positions(s.shards, s.count, self.seed + 7919 * k, self.start * s.per_batch,
-                                      skipped, self.buffer))
-                   for k, s in enumerate(self.sources)]
-        for micro in itertools.count(self.start + worker, workers):
-            raw = []
-            for source, cursor in zip(self.sources, cursors):
-                local = source.per_batch // self.world_size
-                lo = micro * source.per_batch + self.rank * local
-                raw += cursor.take(lo, lo + local)
-            _seed_everything(self.seed * 1_000_003 + micro * self.world_size + self.rank)
-            images, captions = [], []
-            for sample in raw:
-                try:
-                    ext = next(e for e in IMAGE_EXTS if e in sample)
-                    image = self.transform(Image.open(io.BytesIO(sample[ext])).convert("RGB"))
-                    caption = sample["txt"].decode("utf-8").strip()
-                except (OSError, ValueError) as err:  # truncated image, bad encoding
-                    skipped[f"undecodable: {type(err).__name__}"] += 1
-                    continue
-                images.append(image)
-                captions.append(caption)
-            yield {"micro": micro, "images": torch.stack(images) if images else torch.empty(0),
-                   "tokens": self.tokenizer(captions) if captions else torch.empty(0, dtype=torch.long),
-                   "text_ids": caption_ids(captions), "skipped": dict(skipped)}
-            skipped.clear()
-
-
-def _seed_everything(seed: int):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+def default_workers(shard_sets: list[ShardSet], world_size: int) -> int:
+    """min(8, CPUs per process on this node, the fewest shards per process of any shard set)."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    cpus = len(os.sched_getaffinity(0)) // per_node
+    return max(1, min(8, cpus, min(len(s.shards) for s in shard_sets) // world_size))
 
 
 # --- optimisation ------------------------------------------------------------------------------
@@ -246,19 +103,30 @@ def _checkpoints(run: Path) -> list[Path]:
     return sorted((run / "checkpoints").glob("step_*.pt"), key=lambda p: int(p.stem.split("_")[1]))
 
 
-def _save_checkpoint(run: Path, model, optimizer, scaler, step: int, meta: dict, keep: int):
+def _save_checkpoint(run: Path, model, optimizer, scaler, step: int, meta: dict, cursors: list[dict], keep: int):
     trainable = {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad}
-    atomic_save({"trainable": trainable, "optimizer": optimizer.state_dict(),
-                 "scaler": scaler.state_dict(), "step": step, CHECKPOINT_META_KEY: meta},
+    atomic_save({"trainable": trainable, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                 "step": step, "data_cursors": cursors, CHECKPOINT_META_KEY: meta},
                 run / "checkpoints" / f"step_{step}.pt")
     for old in _checkpoints(run)[:-keep]:
         old.unlink()
 
 
-def _load_checkpoint(path: Path, model, optimizer, scaler, meta: dict) -> int:
-    """Restore a checkpoint of this very run setup; say what differs when it is another's."""
+def _load_checkpoint(path: Path, model, optimizer, scaler, meta: dict) -> tuple[int, list[dict]]:
+    """Restore a checkpoint of this very run setup; say what differs when it is another's.
+
+    Returns the step and the data streams' cursors. The data streams must be as many as when it
+    was written (processes x loader workers; how they split into the two does not matter).
+    """
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     theirs = ckpt.get(CHECKPOINT_META_KEY, {})
+    if theirs.get("streams") != meta["streams"]:
+        was, now = theirs.get("args", {}), meta["args"]
+        raise ValueError(f"checkpoint {path} was written with {was.get('world_size')} process(es) x "
+                         f"{max(1, was.get('workers') or 0)} loader worker(s) = {theirs.get('streams')} data streams; "
+                         f"this run has {now['world_size']} x {max(1, now['workers'])} = {meta['streams']}. Resume with as many streams "
+                         f"(e.g. --workers {max(1, (theirs.get('streams') or 1) // now['world_size'])} on "
+                         f"{now['world_size']} process(es)), so that every stream continues where it stopped")
     for key in ("model", "strategy", "gated_layers", "batch_size", "train_logit_scale"):
         if theirs.get(key) != meta[key]:
             raise ValueError(f"checkpoint {path} was written by another run setup: {key} is "
@@ -273,7 +141,7 @@ def _load_checkpoint(path: Path, model, optimizer, scaler, meta: dict) -> int:
             params[name].copy_(value)
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
-    return int(ckpt["step"])
+    return int(ckpt["step"]), ckpt["data_cursors"]
 
 
 # --- logging -----------------------------------------------------------------------------------
@@ -319,184 +187,290 @@ def plot_curves(log_path: Path, out_png: Path):
 
 
 # --- the run -----------------------------------------------------------------------------------
-def _distributed(device_spec: str | None):
-    """(rank, world_size, device) from torchrun's environment; gloo on CPU, nccl on GPU."""
-    world_size = int(os.environ.get("WORLD_SIZE", 1))
-    device = resolve_device(device_spec)
-    if world_size == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world_size, device
+@dataclass
+class _Run:
+    """What a training run holds between steps."""
+    config: TrainConfig
+    env: DistEnv
+    model: torch.nn.Module
+    net: torch.nn.Module  # the model as stepped: DDP-wrapped and/or compiled
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: UniCLLoss
+    batches: RankBatches
+    sources: list[Source]
+    amp_dtype: torch.dtype | None
+    total_steps: int
+    lr: float
+    warmup: int
+    meta: dict
+    counts: dict
+    start: int = 0
+    skips: SkipLog = field(default_factory=SkipLog)
+    losses: list = field(default_factory=list)
+    seen: int = 0
 
 
-def train(shards, model_name: str | None, pretrained: str | None, out, *, strategy: str = "gated-image",
-          steps: int | None = None, epochs: float = 1.0, batch_size: int = 64, lr: float | None = None,
-          weight_decay: float = 0.05, warmup: int | None = None, accum_steps: int = 1, grad_clip: float = 1.0,
-          precision: str = "auto", augment: bool = False, gated_layers_spec: list[int] | int | None = None,
-          train_logit_scale: bool = True, gate_lr_scale: float = 1.0, mix_shards=None, mix_ratio: float = 0.0,
-          checkpoint_every: int = 100, keep_checkpoints: int = 3, resume: str | None = None,
-          log_every: int = 10, seed: int = 0, workers: int = 1, shuffle_buffer: int = 1000,
-          device: str | None = "auto") -> dict:
-    """Train `strategy`'s weights of `model_name` (weights from `pretrained`, random if None) on `shards`.
+def _sources(config: TrainConfig, env: DistEnv) -> tuple[list[Source], int]:
+    """The shard sets with their per-batch shares, and the loader workers per rank."""
+    if not 0 <= config.mix_ratio < 1:
+        raise ValueError(f"--mix-ratio must be in [0, 1), got {config.mix_ratio}")
+    sets = [open_shard_set(config.shards, env, config.train_num_samples, need_count=config.steps is None)]
+    if config.mix_shards and config.mix_ratio:
+        sets.append(open_shard_set(config.mix_shards, env, need_count=False))
+    workers = config.workers if config.workers is not None else default_workers(sets, env.world_size)
+    streams = env.world_size * max(1, workers)
+    if config.batch_size % streams:
+        raise ValueError(f"--batch-size {config.batch_size} must be a multiple of the data streams: "
+                         f"{env.world_size} process(es) x {max(1, workers)} loader worker(s) = {streams}")
+    mix = streams * round(config.mix_ratio * config.batch_size / streams) if len(sets) > 1 else 0
+    locked_text = "text" not in TRAINED_PARTS[strategies.check_strategy(config.strategy)]
+    sources = [Source(s, share, config.text_embeddings and locked_text and s.text_embeddings is not None)
+               for s, share in zip(sets, (config.batch_size - mix, mix)) if share]
+    check_streams(sources, streams, max(1, workers))
+    return sources, workers
+
+
+def check_text_embeddings(source: Source, model, model_name: str):
+    """Refuse caption embeddings another text tower made (name, dimension or weights differ)."""
+    record, spec = source.shard_set.text_embeddings, source.shard_set.spec
+    dim = model.text_projection.shape[1] if model.text_projection is not None else model.visual.output_dim
+    theirs = (record.get("model"), record.get("dim"))
+    if theirs != (model_name, dim):
+        raise ValueError(f"{spec}: its caption embeddings (summary.json text_embeddings) are {theirs[1]}-d from "
+                         f"{theirs[0]!r}; this run's text tower is {dim}-d {model_name!r}. Materialize the shards "
+                         f"from a knowledge base of this model, or pass --no-text-embeddings to run the text tower")
+    sha = record.get("text_tower_sha256")
+    if sha is not None and sha != text_tower_fingerprint(model):
+        raise ValueError(f"{spec}: its caption embeddings come from other {model_name} text-tower weights "
+                         f"(sha256 {sha[:12]}..., this model's {text_tower_fingerprint(model)[:12]}...): "
+                         f"materialize from a knowledge base embedded with this --pretrained, or pass "
+                         f"--no-text-embeddings to run the text tower")
+
+
+def _build(config: TrainConfig, env: DistEnv, sources: list[Source]):
+    """The model, its trainable weights, transform, tokenizer, optimizer and AMP scaler."""
+    lr = config.lr if config.lr is not None else \
+        5e-4 if config.strategy in GATED_STRATEGIES or config.pretrained is None else 5e-5
+    torch.manual_seed(config.seed)  # the same random init (and gated blocks) on every rank
+    model, preprocess, tokenizer = build_model(config.model, config.pretrained, config.strategy,
+                                               config.gated_layers, device=env.device)
+    for source in sources:
+        if source.use_text_embeddings:
+            check_text_embeddings(source, model, model.react_vl["model"])
+    counts = set_trainable(model, config.strategy, config.train_logit_scale)
+    if config.grad_checkpointing:
+        strategies.set_grad_checkpointing(model, True)
+    transform = image_transform(model.visual.image_size, is_train=True,
+                                aug_cfg=PaperAugmentationCfg()) if config.augment else preprocess
+    optimizer = make_optimizer(model, lr, config.weight_decay, config.gate_lr_scale)
+    amp_dtype = autocast_dtype(config.precision, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=amp_dtype == torch.float16)
+    return model, counts, transform, tokenizer, optimizer, scaler, amp_dtype, lr
+
+
+def _setup(config: TrainConfig) -> _Run:
+    env = init_distributed(config.device)
+    sources, workers = _sources(config, env)
+    model, counts, transform, tokenizer, optimizer, scaler, amp_dtype, lr = _build(config, env, sources)
+    main = sources[0]
+    per_step = main.per_batch * config.accum_steps
+    total_steps = config.steps or max(1, math.ceil(config.epochs * main.shard_set.count / per_step))
+    warmup = config.warmup if config.warmup is not None else max(1, round(0.05 * total_steps))
+    streams = env.world_size * max(1, workers)
+    args = {**{k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+            "model": model.react_vl["model"], "steps": total_steps, "lr": lr, "warmup": warmup,
+            "shards": str(config.shards), "mix_shards": str(config.mix_shards) if config.mix_shards else None,
+            "world_size": env.world_size, "workers": workers, "streams": streams,
+            "text_embeddings_used": [s.shard_set.spec for s in sources if s.use_text_embeddings]}
+    meta = {"model": args["model"], "pretrained": config.pretrained, "strategy": config.strategy,
+            "gated_layers": gated_layers(model), "batch_size": config.batch_size,
+            "train_logit_scale": config.train_logit_scale, "streams": streams, "args": args}
+    start, cursors = _resume(config, model, optimizer, scaler, meta)
+    net = model
+    if env.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if config.torch_compile:
+        net = torch.compile(net)
+    batches = RankBatches(sources, transform, tokenizer, config.seed, start * config.accum_steps, env.rank,
+                          env.world_size, workers, cursors, config.shuffle_buffer)
+    loss_fn = UniCLLoss(env.rank, env.world_size, config.local_loss, config.gather_with_grad)
+    run = _Run(config, env, model, net, optimizer, scaler, loss_fn, batches, sources, amp_dtype, total_steps,
+               lr, warmup, meta, counts, start)
+    if env.is_main:
+        _announce(run, workers)
+    return run
+
+
+def _resume(config: TrainConfig, model, optimizer, scaler, meta: dict) -> tuple[int, list | None]:
+    """(step, data-stream cursors) of the checkpoint to resume from; (0, None) for a fresh start."""
+    found = _checkpoints(Path(config.out))
+    if not config.resume or (config.resume == "latest" and not found):
+        return 0, None  # nothing written yet: a fresh start (so "latest" is safe to pass always)
+    path = Path(config.resume) if config.resume != "latest" else found[-1]
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume from at {path} (given as --resume)")
+    return _load_checkpoint(path, model, optimizer, scaler, meta)
+
+
+def _announce(run: _Run, workers: int):
+    config, counts, main = run.config, run.counts, run.sources[0]
+    mixed = f" ({run.sources[1].per_batch} mixed in)" if len(run.sources) > 1 else ""
+    cached = f"; caption embeddings from {run.meta['args']['text_embeddings_used']}" \
+        if run.meta["args"]["text_embeddings_used"] else ""
+    print(f"[customize] {run.meta['model']} strategy={config.strategy}: trainable {counts['trainable']:,} / "
+          f"{counts['total']:,} parameters ({100 * counts['trainable'] / counts['total']:.1f}%); "
+          f"{main.shard_set.count if main.shard_set.count is not None else '?'} samples in "
+          f"{len(main.shard_set.shards)} shard(s), {run.total_steps} steps, global batch {config.batch_size}{mixed}, "
+          f"lr {run.lr:g}, autocast {run.amp_dtype or 'off'}, {run.env.world_size} process(es) x {workers} "
+          f"loader worker(s) on {run.env.device}{cached}", flush=True)
+    Path(config.out).mkdir(parents=True, exist_ok=True)
+    _restart_log(Path(config.out) / "log.jsonl", run.start if run.start else -1)
+
+
+def _features(run: _Run, batch: dict):
+    """(image features, text features, logit scale): the shards' caption embeddings where they have them."""
+    device = run.env.device
+    images, tokens = batch["images"].to(device), batch["tokens"].to(device)
+    if batch["embeddings"] is None:
+        return run.net(images, tokens)[:3]
+    image_features, _, logit_scale = run.net(images, None)[:3]
+    text_features = batch["embeddings"].to(device)
+    missing = ~batch["has_embedding"].to(device)
+    if missing.any():  # mixed-in general pairs without embeddings: the (locked) text tower, for them only
+        with torch.no_grad():
+            text_features[missing] = run.model.encode_text(tokens[missing], normalize=True).float()
+    return image_features, text_features, logit_scale
+
+
+def _micro_step(run: _Run, step: int, micro: int) -> float:
+    """Forward and backward of one micro-batch; returns its loss."""
+    config, env = run.config, run.env
+    batch = run.batches.next()
+    run.skips.update(batch["skipped"])
+    size = env.min(len(batch["images"]))  # a corrupt sample shortens one rank's batch: all use the shortest
+    if size == 0:
+        raise ValueError(f"empty batch at step {step}: the shards ran out of decodable samples "
+                         f"(skipped so far: {dict(run.skips.counts)})")
+    batch = {k: v[:size] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    torch.manual_seed(config.seed + step * config.accum_steps + micro)  # dropout etc., identical on resume
+    sync = not env.distributed or micro == config.accum_steps - 1
+    with attention_kernels(env.device):  # backward too: a checkpointed block recomputes its forward
+        with (run.net.no_sync() if not sync else contextlib.nullcontext()), \
+                torch.autocast(env.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            image_features, text_features, logit_scale = _features(run, batch)
+            loss = run.loss_fn(image_features.float(), text_features.float(), logit_scale.float(),
+                               batch["text_ids"].to(env.device))
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"loss is {loss.item()} at step {step}; the finished checkpoints in {Path(config.out) / 'checkpoints'} "
+                f"are kept: lower --lr, or use --precision fp32, and --resume latest")
+        run.scaler.scale(loss * run.loss_fn.gradient_scale / config.accum_steps).backward()
+    run.seen += size * env.world_size
+    return loss.item()
+
+
+def _train_step(run: _Run, step: int) -> float:
+    """One optimizer step (accum_steps micro-batches); returns its loss, averaged over ranks with --local-loss."""
+    config = run.config
+    lr_now = learning_rate(step, run.lr, run.warmup, run.total_steps)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr_now * group["lr_scale"]
+    step_loss = sum(_micro_step(run, step, micro) for micro in range(config.accum_steps)) / config.accum_steps
+    if run.loss_fn.local_loss and run.env.distributed:
+        step_loss = sum(run.env.gather(step_loss)) / run.env.world_size
+    run.scaler.unscale_(run.optimizer)
+    if config.grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], config.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        run.model.logit_scale.clamp_(0, math.log(100))
+    run.losses.append(step_loss)
+    return step_loss
+
+
+def _log_step(run: _Run, done: int, loss: float, samples_per_s: float, writer):
+    count = run.sources[0].shard_set.count
+    lr_now = learning_rate(done - 1, run.lr, run.warmup, run.total_steps)
+    record = {"step": done, "epoch": done * run.sources[0].per_batch * run.config.accum_steps / count if count else None,
+              "loss": loss, "lr": lr_now, "samples_per_s": samples_per_s,
+              "logit_scale": float(run.model.logit_scale.detach().exp()),
+              "gates": {str(k): v for k, v in gate_values(run.model).items()} if gated_layers(run.model) else {}}
+    with open(Path(run.config.out) / "log.jsonl", "a") as log:
+        log.write(json.dumps(record) + "\n")
+    if writer:
+        writer.add_scalar("loss", loss, done)
+        writer.add_scalar("lr", lr_now, done)
+        for layer, gates in record["gates"].items():
+            for kind, value in gates.items():
+                writer.add_scalar(f"gates/{layer}_{kind}", value, done)
+
+
+def _finish(run: _Run, elapsed: float) -> dict:
+    """Skip counts summed over ranks; model.pt, summary.json and curves.png from rank 0."""
+    per_rank = run.env.gather(run.skips.to_dict())
+    skips = SkipLog()
+    for log in per_rank:
+        skips.update(log)
+    model, config = run.model, run.config
+    summary = {"steps": run.total_steps, "start_step": run.start, "time_s": elapsed,
+               "samples_per_s": run.seen / max(elapsed, 1e-9), "samples_seen": run.seen,
+               "trainable_params": run.counts["trainable"], "total_params": run.counts["total"],
+               "strategy": config.strategy, "model": run.meta["model"], "gated_layers": gated_layers(model),
+               "final_gates": gate_values(model) if gated_layers(model) else {},
+               "first_loss": run.losses[0] if run.losses else None,
+               "final_loss": run.losses[-1] if run.losses else None, "losses": run.losses,
+               "dataset_count": run.sources[0].shard_set.count,
+               "skipped": {"total": skips.total(), "per_rank": [sum(log["counts"].values()) for log in per_rank],
+                           **skips.to_dict()},
+               "args": run.meta["args"]}
+    if run.env.is_main:
+        out = Path(config.out)
+        save_model(out / "model.pt", model, run.meta["model"], pretrained=config.pretrained, strategy=config.strategy,
+                   args=run.meta["args"])
+        write_json(summary, out / "summary.json")
+        plot_curves(out / "log.jsonl", out / "curves.png")
+    run.env.barrier()
+    return summary
+
+
+def train(config: TrainConfig) -> dict:
+    """Train `config.strategy`'s weights of the model on `config.shards`; returns the summary that
+    is also written to RUN/summary.json. Runs as it is under torchrun or srun (one process per GPU).
 
     `batch_size` is the global batch of one micro-step (all ranks); an optimizer step takes
-    `accum_steps` of them. `steps` (optimizer steps) overrides `epochs` over the shard set.
-    `lr` defaults to 5e-4 for gated strategies and for training from random init, 5e-5 when
-    tuning pretrained base weights (the paper's values). `warmup` defaults to 5% of the steps.
-    `mix_shards` / `mix_ratio`: that share of every batch comes from a second (general) shard
-    set, to bound forgetting. `resume`: a checkpoint path, or "latest": the newest in
-    RUN/checkpoints if there is one, else a fresh start.
-    Returns the summary that is also written to RUN/summary.json.
+    `accum_steps` of them. `mix_shards` / `mix_ratio`: that share of every batch comes from a
+    second (general) shard set, to bound forgetting.
     """
-    run = Path(out)
-    rank, world_size, device = _distributed(device)
-    if batch_size % world_size:
-        raise ValueError(f"--batch-size {batch_size} must be divisible by the number of processes {world_size}")
-    if not 0 <= mix_ratio < 1:
-        raise ValueError(f"--mix-ratio must be in [0, 1), got {mix_ratio}")
-    mix_per_batch = world_size * round(mix_ratio * batch_size / world_size) if mix_shards else 0
-    main_per_batch = batch_size - mix_per_batch
-    shard_list = resolve_shards(shards)
-    sources = [Source(shard_list, count_samples(shard_list, shards), main_per_batch)]
-    if mix_per_batch:
-        mix_list = resolve_shards(mix_shards)
-        sources.append(Source(mix_list, count_samples(mix_list, mix_shards), mix_per_batch))
-    total_steps = steps or max(1, math.ceil(epochs * sources[0].count / (main_per_batch * accum_steps)))
-    lr = lr if lr is not None else 5e-4 if strategy in GATED_STRATEGIES or pretrained is None else 5e-5
-    warmup = warmup if warmup is not None else max(1, round(0.05 * total_steps))
-
-    torch.manual_seed(seed)  # the same random init (and gated blocks) on every rank
-    model, preprocess, tokenizer = build_model(model_name, pretrained, strategy, gated_layers_spec, device=device)
-    model_name = model.react_vl["model"]
-    counts = set_trainable(model, strategy, train_logit_scale)
-    transform = image_transform(model.visual.image_size, is_train=True,
-                                aug_cfg=PaperAugmentationCfg()) if augment else preprocess
-    optimizer = make_optimizer(model, lr, weight_decay, gate_lr_scale)
-    amp_dtype = autocast_dtype(precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    args = {"shards": str(shards), "model": model_name, "pretrained": pretrained, "strategy": strategy,
-            "steps": total_steps, "batch_size": batch_size, "accum_steps": accum_steps, "lr": lr,
-            "weight_decay": weight_decay, "warmup": warmup, "grad_clip": grad_clip, "precision": precision,
-            "augment": augment, "train_logit_scale": train_logit_scale, "gate_lr_scale": gate_lr_scale,
-            "mix_shards": str(mix_shards) if mix_shards else None, "mix_ratio": mix_ratio, "seed": seed,
-            "world_size": world_size}
-    meta = {"model": model_name, "pretrained": pretrained, "strategy": strategy,
-            "gated_layers": gated_layers(model), "batch_size": batch_size,
-            "train_logit_scale": train_logit_scale, "args": args}
-
-    start = 0
-    found = _checkpoints(run)
-    if resume == "latest" and not found:
-        resume = None  # nothing written yet: a fresh start (so "latest" is safe to pass always)
-    if resume:
-        path = Path(resume) if resume != "latest" else found[-1]
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume from at {path} (given as --resume)")
-        start = _load_checkpoint(path, model, optimizer, scaler, meta)
-    if rank == 0:
-        print(f"[customize] {model_name} strategy={strategy}: trainable {counts['trainable']:,} / "
-              f"{counts['total']:,} parameters ({100 * counts['trainable'] / counts['total']:.1f}%); "
-              f"{sources[0].count:,} samples, {total_steps} steps, global batch {batch_size}"
-              f"{f' ({mix_per_batch} mixed in)' if mix_per_batch else ''}, lr {lr:g}, "
-              f"autocast {amp_dtype or 'off'}, {world_size} process(es) on {device}", flush=True)
-        run.mkdir(parents=True, exist_ok=True)
-        _restart_log(run / "log.jsonl", start if resume else -1)
-
-    net = model
-    if world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_fn = UniCLLoss(rank, world_size)
-    batches = iter(torch.utils.data.DataLoader(
-        PairBatches(sources, transform, tokenizer, seed, start * accum_steps, rank, world_size, shuffle_buffer),
-        batch_size=None, num_workers=workers, persistent_workers=False))
-    writer = _tensorboard(run) if rank == 0 else None
-    skipped, seen, losses = Counter(), 0, []
-    progress = tqdm(total=total_steps, initial=start, desc="customize", unit="step", disable=rank != 0)
+    run = _setup(config)
+    env, out = run.env, Path(config.out)
+    writer = _tensorboard(out) if env.is_main else None
+    progress = tqdm(total=run.total_steps, initial=run.start, desc="customize", unit="step", disable=not env.is_main)
     started = interval_start = time.time()
-    interval_samples = 0
-    model.train()
-    for step in range(start, total_steps):
-        lr_now = learning_rate(step, lr, warmup, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_now * group["lr_scale"]
-        step_loss = 0.0
-        for micro in range(accum_steps):
-            batch = next(batches)
-            skipped.update(batch["skipped"])
-            images, tokens, text_ids = batch["images"], batch["tokens"], batch["text_ids"]
-            if world_size > 1:  # a corrupt sample shortens one rank's batch: all ranks use the shortest
-                size = torch.tensor(len(images))
-                dist.all_reduce(size, op=dist.ReduceOp.MIN)
-                images, tokens, text_ids = images[:size], tokens[:size], text_ids[:size]
-            if len(images) == 0:
-                raise ValueError(f"empty batch at step {step}: the shards ran out of decodable samples "
-                                 f"(skipped so far: {dict(skipped)})")
-            torch.manual_seed(seed + step * accum_steps + micro)  # dropout etc., identical on resume
-            sync = world_size == 1 or micro == accum_steps - 1
-            with attention_kernels(device):  # backward too: a checkpointed block recomputes its forward
-                with (net.no_sync() if not sync else contextlib.nullcontext()), \
-                        torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    image_features, text_features, logit_scale = net(images.to(device), tokens.to(device))[:3]
-                    loss = loss_fn(image_features.float(), text_features.float(), logit_scale.float(),
-                                   text_ids.to(device))
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"loss is {loss.item()} at step {step} (lr {lr_now:.3g}); the finished checkpoints in "
-                        f"{run / 'checkpoints'} are kept: lower --lr, or use --precision fp32, and --resume latest")
-                scaler.scale(loss * loss_fn.gradient_scale / accum_steps).backward()
-            step_loss += loss.item() / accum_steps
-            seen += len(images) * world_size
-            interval_samples += len(images) * world_size
-        scaler.unscale_(optimizer)
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))
-        losses.append(step_loss)
+    interval_seen = 0
+    run.model.train()
+    for step in range(run.start, run.total_steps):
+        loss = _train_step(run, step)
         progress.update(1)
-        progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{lr_now:.2e}")
+        progress.set_postfix(loss=f"{loss:.4f}")
         done = step + 1
-        if rank == 0 and (done % log_every == 0 or done == total_steps or done == start + 1):
+        if env.is_main and (done % config.log_every == 0 or done == run.total_steps or done == run.start + 1):
             now = time.time()
-            record = {"step": done, "epoch": done * main_per_batch * accum_steps / sources[0].count,
-                      "loss": step_loss, "lr": lr_now, "samples_per_s": interval_samples / max(now - interval_start, 1e-9),
-                      "logit_scale": float(model.logit_scale.detach().exp()),
-                      "gates": {str(k): v for k, v in gate_values(model).items()} if gated_layers(model) else {}}
-            with open(run / "log.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
-            if writer:
-                writer.add_scalar("loss", step_loss, done)
-                writer.add_scalar("lr", lr_now, done)
-                for layer, gates in record["gates"].items():
-                    for kind, value in gates.items():
-                        writer.add_scalar(f"gates/{layer}_{kind}", value, done)
-            interval_start, interval_samples = now, 0
-        if rank == 0 and (done % checkpoint_every == 0 or done == total_steps):
-            _save_checkpoint(run, model, optimizer, scaler, done, meta, keep_checkpoints)
+            _log_step(run, done, loss, (run.seen - interval_seen) / max(now - interval_start, 1e-9), writer)
+            interval_start, interval_seen = now, run.seen
+        if done % config.checkpoint_every == 0 or done == run.total_steps:
+            cursors = env.gather(run.batches.cursors)  # every rank's streams
+            if env.is_main:
+                merged = [{s: c for rank in cursors for s, c in rank[k].items()} for k in range(len(run.sources))]
+                _save_checkpoint(out, run.model, run.optimizer, run.scaler, done, run.meta, merged,
+                                 config.keep_checkpoints)
     progress.close()
-    del batches  # stops the loader workers
-    elapsed = time.time() - started
-
-    summary = {"steps": total_steps, "start_step": start, "time_s": elapsed,
-               "samples_per_s": seen / max(elapsed, 1e-9), "samples_seen": seen,
-               "trainable_params": counts["trainable"], "total_params": counts["total"],
-               "strategy": strategy, "model": model_name, "gated_layers": gated_layers(model),
-               "final_gates": gate_values(model) if gated_layers(model) else {},
-               "first_loss": losses[0] if losses else None, "final_loss": losses[-1] if losses else None,
-               "losses": losses, "dataset_count": sources[0].count, "skipped": dict(skipped), "args": args}
-    if rank == 0:
-        save_model(run / "model.pt", model, model_name, pretrained=pretrained, strategy=strategy, args=args)
-        write_json(summary, run / "summary.json")
-        plot_curves(run / "log.jsonl", run / "curves.png")
-        if writer:
-            writer.close()
-    if world_size > 1:
-        dist.barrier()
+    run.batches.close()
+    summary = _finish(run, time.time() - started)
+    if writer:
+        writer.close()
+    env.close()
     return summary
