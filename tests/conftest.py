@@ -1,6 +1,12 @@
-"""Shared fixtures. `tiny_world` is a small mini world generated once per test session."""
+"""Shared fixtures: a small mini world generated once per test session (`tiny_world`, and its
+config), a model pretrained on it, a webdataset shard writer and a free port for torchrun.
+Test modules take these as fixtures rather than importing from each other."""
+
+import socket
+from pathlib import Path
 
 import pytest
+import webdataset as wds
 
 from react_vl.world import WorldConfig, generate_world
 
@@ -9,11 +15,45 @@ TINY_WORLD = WorldConfig(seed=0, pretrain_size=2_000, kb_size=4_000, eval_size=8
 
 
 @pytest.fixture(scope="session")
-def tiny_world(tmp_path_factory):
+def tiny_world_config() -> WorldConfig:
+    """The config of `tiny_world`: a demo or study given it over a copy of that folder reuses its shards."""
+    return TINY_WORLD
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory, tiny_world_config):
     """Path of a generated world (layout in docs/DESIGN.md); its world.json holds the config and counts."""
     out = tmp_path_factory.mktemp("world")
-    generate_world(out, TINY_WORLD)
+    generate_world(out, tiny_world_config)
     return out
+
+
+def _write_shards(folder: Path, samples: list[dict], shards: int = 1, prefix: str = "shard",
+                  first: int = 0) -> list[Path]:
+    """`samples` (dicts of __key__ and member name -> bytes or str) as webdataset shards
+    folder/PREFIX-NNNNNN.tar, numbered from `first`, dealt round-robin: sample i in shard i % shards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{prefix}-{first + i:06d}.tar" for i in range(shards)]
+    writers = [wds.TarWriter(str(path)) for path in paths]
+    for i, sample in enumerate(samples):
+        writers[i % shards].write(sample)
+    for writer in writers:
+        writer.close()
+    return paths
+
+
+@pytest.fixture(scope="session")
+def write_shards():
+    """The one shard writer of the tests: write_shards(folder, samples, shards=1, prefix="shard", first=0)."""
+    return _write_shards
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now, for torchrun's --master_port (never a fixed one)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 # --- customization (issue 4) -------------------------------------------------------------------

@@ -3,14 +3,16 @@
 import json
 import shutil
 
-from conftest import TINY_WORLD
+import pytest
+
 from react_vl.demo import RANDOM_CONTROL, DemoConfig, run_demo
 from react_vl.experiment import cache_key, pretrain_base
 
 
-def test_shrunken_demo_runs_every_stage(tiny_world, tmp_path, capsys):
+@pytest.mark.slow
+def test_shrunken_demo_runs_every_stage(tiny_world, tiny_world_config, tmp_path, capsys):
     shutil.copytree(tiny_world, tmp_path / "world")  # same config: the demo reuses its shards
-    config = DemoConfig(world=TINY_WORLD, model="mini-vit-test", base_steps=8, base_batch=32, per_class=10,
+    config = DemoConfig(world=tiny_world_config, model="mini-vit-test", base_steps=8, base_batch=32, per_class=10,
                         steps=4, batch=32, mix_ratio=0.5, workers=1)
     summary = run_demo(tmp_path, config, cache_dir=tmp_path / "cache")
 

@@ -6,7 +6,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import webdataset as wds
 from click.testing import CliRunner
 from PIL import Image
 
@@ -28,16 +27,18 @@ def _png(color, seed) -> bytes:
     return buffer.getvalue()
 
 
-def make_shards(folder: Path, per_class=4, shards=2, label_offset=0) -> Path:
-    """Colour squares as webdataset shards: KEY.png, KEY.txt caption, KEY.json label (round-robin over shards)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    writers = [wds.TarWriter(str(folder / f"eval-{i:06d}.tar")) for i in range(shards)]
-    for n, (label, name) in enumerate((label, name) for _ in range(per_class) for label, name in enumerate(COLORS)):
-        writers[n % shards].write({"__key__": f"{n:05d}", "png": _png(COLORS[name], n),
-                                   "txt": f"a {name} square.", "json": json.dumps({"label": label + label_offset})})
-    for writer in writers:
-        writer.close()
-    return folder
+@pytest.fixture
+def make_shards(write_shards):
+    """make_shards(folder, per_class=4, shards=2, label_offset=0): colour squares as webdataset shards
+    eval-NNNNNN.tar (KEY.png, KEY.txt caption, KEY.json label, round-robin over shards); the folder."""
+    def make(folder: Path, per_class=4, shards=2, label_offset=0) -> Path:
+        classes = [(label, name) for _ in range(per_class) for label, name in enumerate(COLORS)]
+        write_shards(folder, [{"__key__": f"{n:05d}", "png": _png(COLORS[name], n), "txt": f"a {name} square.",
+                               "json": json.dumps({"label": label + label_offset})}
+                              for n, (label, name) in enumerate(classes)], shards, prefix="eval")
+        return folder
+
+    return make
 
 
 class OracleModel(torch.nn.Module):
@@ -77,7 +78,7 @@ def test_model_spec_syntax():
         parse_model_spec("x=@")
 
 
-def test_oracle_scores_perfectly_on_shards_read_by_two_workers(tmp_path):
+def test_oracle_scores_perfectly_on_shards_read_by_two_workers(tmp_path, make_shards):
     shards = make_shards(tmp_path / "eval", per_class=5)
     features = extract_features(OracleModel(), open_eval_data(str(shards), to_tensor), batch_size=4, workers=2)
     assert len(features.keys) == 15 and features.skipped == []
@@ -100,10 +101,10 @@ def test_class_prompt_cosine_is_the_mean_over_distinct_class_pairs():
     assert class_prompt_cosine(torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]])) == pytest.approx(1 / 3)
 
 
-def test_corrupt_samples_and_shards_are_skipped_and_counted(tmp_path):
+def test_corrupt_samples_and_shards_are_skipped_and_counted(tmp_path, make_shards, write_shards):
     shards = make_shards(tmp_path / "eval", per_class=2, shards=1)
-    with wds.TarWriter(str(shards / "eval-000001.tar")) as writer:
-        writer.write({"__key__": "bad", "png": b"not a png", "json": json.dumps({"label": 0})})
+    write_shards(shards, [{"__key__": "bad", "png": b"not a png", "json": json.dumps({"label": 0})}], prefix="eval",
+                 first=1)
     (shards / "eval-000002.tar").write_bytes(b"\x00" * 100 + b"garbage")
     features = extract_features(OracleModel(), open_eval_data(str(shards), to_tensor), workers=0)
     assert len(features.keys) == 6
@@ -129,7 +130,7 @@ def test_class_folders_match_names_and_mismatches_say_where(tmp_path):
         open_eval_data(str(tmp_path / "nowhere"), to_tensor)
 
 
-def test_labels_beyond_the_task_classes_are_an_error(tmp_path):
+def test_labels_beyond_the_task_classes_are_an_error(tmp_path, make_shards):
     shards = make_shards(tmp_path / "eval", per_class=1, shards=1, label_offset=1)
     features = extract_features(OracleModel(), open_eval_data(str(shards), to_tensor), workers=0)
     with pytest.raises(ValueError, match="go up to 3 but the task has 3 classes"):
@@ -164,7 +165,7 @@ def two_checkpoints(tmp_path_factory):
     return folder
 
 
-def test_side_by_side_writes_tables_with_deltas_and_reuses_cached_features(tmp_path, two_checkpoints):
+def test_side_by_side_writes_tables_with_deltas_and_reuses_cached_features(tmp_path, two_checkpoints, make_shards):
     data = {"colors": str(make_shards(tmp_path / "eval", per_class=6))}
     models = [f"base=mini-vit-test@{two_checkpoints / 'm0.pt'}", f"same=@{two_checkpoints / 'm0.pt'}",
               f"other=@{two_checkpoints / 'm1.pt'}"]
@@ -185,7 +186,7 @@ def test_side_by_side_writes_tables_with_deltas_and_reuses_cached_features(tmp_p
     assert again["cache_hits"] == 3 and again["zero_shot"] == results["zero_shot"]
 
 
-def test_cli_evaluate_prints_the_table(tmp_path, two_checkpoints, monkeypatch):
+def test_cli_evaluate_prints_the_table(tmp_path, two_checkpoints, make_shards, monkeypatch):
     import react_vl.evaluate as evaluate_module
 
     monkeypatch.setattr(evaluate_module, "_resolve_task", lambda task, data: TASK if task == "colors" else task)
@@ -209,7 +210,7 @@ def test_mini_world_tasks_by_name_with_retrieval_on_their_captions(tiny_world, t
 
 
 def test_val_split_reads_the_validation_sets_and_never_falls_back_to_the_test_sets(tiny_world, two_checkpoints,
-                                                                                   tmp_path):
+                                                                                   make_shards, tmp_path):
     model = [f"base=@{two_checkpoints / 'm0.pt'}"]
     results = {split: evaluate(model, ["mini-shape-photo"], data=tiny_world, out=tmp_path / split, split=split)
                for split in ("eval", "val")}

@@ -6,7 +6,6 @@ import shutil
 
 import pyarrow.parquet as pq
 import pytest
-from conftest import TINY_WORLD
 from PIL import Image
 
 from react_vl.concepts import CONTROL_TASKS, MINI_TASKS, TARGET_TASKS
@@ -26,9 +25,6 @@ from react_vl.study import (
     table_row,
 )
 
-# base_* as tests/conftest.py's tiny_trained_model was trained, which the study finds in its base cache
-TINY = StudyConfig(world=TINY_WORLD, model="mini-vit-test", base_steps=40, base_batch=64, base_lr=1e-3, per_class=8,
-                   steps=4, batch=32, precision="fp32", workers=0)
 
 
 def _result(seed, scores, trainable=10):
@@ -120,14 +116,18 @@ def test_schedule_is_chosen_on_validation_scores_by_the_fixed_rule():
     assert choose_schedule(points, strict, base_val)["chosen"] is None
 
 
-def test_shrunken_study_end_to_end_and_resumes(tiny_world, tiny_trained_model, tmp_path):
+@pytest.mark.slow
+def test_shrunken_study_end_to_end_and_resumes(tiny_world, tiny_world_config, tiny_trained_model, tmp_path):
+    # base_* as conftest's tiny_trained_model was trained, which the study then finds in its base cache
+    tiny = StudyConfig(world=tiny_world_config, model="mini-vit-test", base_steps=40, base_batch=64, base_lr=1e-3,
+                       per_class=8, steps=4, batch=32, precision="fp32", workers=0)
     out, cache = tmp_path / "study", tmp_path / "cache"
     shutil.copytree(tiny_world, out / "world")  # the same world config: generate_world keeps it
     # the session's pretrained tiny base (same model, steps, batch, lr, seed) is the cached base the study reuses
-    base = shutil.copytree(tiny_trained_model.parent, cache / f"base-{cache_key(TINY)}")
+    base = shutil.copytree(tiny_trained_model.parent, cache / f"base-{cache_key(tiny)}")
     (base / "summary.json").write_text(json.dumps({**json.loads((base / "summary.json").read_text()),
-                                                   "cache_key": cache_key(TINY)}))
-    summary = run_study(out, quick=True, config=TINY, seeds=1, ablations=["subset", "schedule"], cache_dir=cache)
+                                                   "cache_key": cache_key(tiny)}))
+    summary = run_study(out, quick=True, config=tiny, seeds=1, ablations=["subset", "schedule"], cache_dir=cache)
 
     saved = json.loads((out / "study.json").read_text())
     assert saved["runs_done"] == saved["runs_planned"] == 6  # the schedule's 4-step run is subset's retrieved one
@@ -163,11 +163,11 @@ def test_shrunken_study_end_to_end_and_resumes(tiny_world, tiny_trained_model, t
 
     results = sorted((out / "runs").glob("*/result.json"))
     stamps = [p.stat().st_mtime_ns for p in results]
-    again = run_study(out, quick=True, config=TINY, seeds=1, ablations=["subset", "schedule"], cache_dir=cache)
+    again = run_study(out, quick=True, config=tiny, seeds=1, ablations=["subset", "schedule"], cache_dir=cache)
     assert [p.stat().st_mtime_ns for p in results] == stamps  # no run was redone
     assert again["tables"] == summary["tables"]
     with pytest.raises(ValueError, match="steps"):
-        run_study(out, quick=True, config=dataclasses.replace(TINY, steps=5), seeds=1, cache_dir=cache)
+        run_study(out, quick=True, config=dataclasses.replace(tiny, steps=5), seeds=1, cache_dir=cache)
 
 
 def test_cli_refuses_bad_options(tmp_path):
