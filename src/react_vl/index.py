@@ -120,7 +120,7 @@ def _part_chunks(kb: KnowledgeBase, kind: str, leave_out: np.ndarray, chunk: int
     ids = kb.ids()
     start = 0
     for part in kb.parts:
-        emb = np.load(kb.path / KINDS[kind] / f"{KINDS[kind]}_{part}.npy", mmap_mode="r")
+        emb = kb.part_embeddings(KINDS[kind], part)
         for lo in range(start, start + len(emb), chunk):
             hi = min(lo + chunk, start + len(emb))
             keep = ~leave_out[lo:hi]
@@ -135,7 +135,7 @@ def read_rows(kb: KnowledgeBase, kind: str, rows: np.ndarray) -> np.ndarray:
     out = np.empty((len(rows), kb.dim), dtype=np.float32)
     start = 0
     for part in kb.parts:
-        emb = np.load(kb.path / KINDS[kind] / f"{KINDS[kind]}_{part}.npy", mmap_mode="r")
+        emb = kb.part_embeddings(KINDS[kind], part)
         inside = np.flatnonzero((rows >= start) & (rows < start + len(emb)))
         out[inside] = emb[np.sort(rows[inside] - start)][np.argsort(np.argsort(rows[inside]))]
         start += len(emb)

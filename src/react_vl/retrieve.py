@@ -84,7 +84,7 @@ def encode_queries(kb: KnowledgeBase, task: Task, model: str | None = None, batc
 # --- the KB, part by part ------------------------------------------------------------------------
 def part_ids(kb: KnowledgeBase, part: int) -> np.ndarray:
     """The ids of one part, in row order (only its `id` column is read)."""
-    path = kb.path / "metadata" / f"metadata_{part}.parquet"
+    path = kb.metadata_path(part)
     if "id" in pq.read_schema(path).names:
         return pq.read_table(path, columns=["id"]).column("id").to_numpy()
     return make_ids(part, pq.read_metadata(path).num_rows)
@@ -120,7 +120,7 @@ def exact_top_k(kb: KnowledgeBase, kind: str, queries: np.ndarray, k: int) -> np
     """Ids of the exact top-k of each query over every vector of the KB (one pass, part by part)."""
     heap = faiss.ResultHeap(len(queries), k, keep_max=True)
     for part in kb.parts:
-        emb = np.load(kb.path / KINDS[kind] / f"{KINDS[kind]}_{part}.npy", mmap_mode="r")
+        emb = kb.part_embeddings(KINDS[kind], part)
         ids = part_ids(kb, part)
         for lo in range(0, len(emb), 100_000):
             block = np.asarray(emb[lo:lo + 100_000], dtype=np.float32)
@@ -413,7 +413,7 @@ class Provenance:
 
 def part_rows(kb: KnowledgeBase, part: int, rows: np.ndarray) -> pa.Table:
     """Every metadata column of the given rows (sorted positions) of one part, read batch by batch."""
-    path = kb.path / "metadata" / f"metadata_{part}.parquet"
+    path = kb.metadata_path(part)
     tables, start = [], 0
     for batch in pq.ParquetFile(path).iter_batches(batch_size=65_536):
         inside = rows[(rows >= start) & (rows < start + batch.num_rows)] - start
@@ -428,7 +428,7 @@ def part_rows(kb: KnowledgeBase, part: int, rows: np.ndarray) -> pa.Table:
 
 def output_schema(kb: KnowledgeBase, provenance: dict) -> pa.Schema:
     """The KB metadata columns (unified over the parts, `id` included), then the provenance columns."""
-    schema = pa.unify_schemas([pq.read_schema(kb.path / "metadata" / f"metadata_{n}.parquet") for n in kb.parts],
+    schema = pa.unify_schemas([pq.read_schema(kb.metadata_path(n)) for n in kb.parts],
                               promote_options="default")
     if "id" not in schema.names:
         schema = schema.append(pa.field("id", pa.int64()))
