@@ -407,5 +407,25 @@ def report(demo_dir):
     click.echo(f"wrote {write_report(demo_dir)}")
 
 
+# --- serve -------------------------------------------------------------------------------------
+@main.command()
+@click.argument("kb", type=click.Path(exists=True, file_okay=False))
+@click.option("--retrieved", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="A retrieved set (R/ of `react-vl retrieve`) to show with report cards and curate; repeatable.")
+@click.option("--host", default="127.0.0.1", help="Address to listen on; other than localhost, anyone who reaches "
+                                                  "it can search and curate (a warning is printed).")
+@click.option("--port", default=1234, help="Port to listen on (clip-back's default).")
+@click.option("--allow-image-urls", is_flag=True,
+              help="Accept image_url queries, which make the server download the URL.")
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the memory-mapped metadata copies go [default: KB/serve-cache].")
+def serve(kb, retrieved, host, port, allow_image_urls, cache_dir):
+    """Serve KB over HTTP: clip-retrieval's kNN protocol (its ClipClient and front work against
+    it) and a page at http://HOST:PORT/ to search it, view retrieved sets and curate them."""
+    from .serve import serve as serve_kb
+
+    serve_kb(kb, list(retrieved), host=host, port=port, allow_image_urls=allow_image_urls, cache_dir=cache_dir)
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,386 @@
+"""`react-vl serve` on a real KB (a shard of the tiny world, embedded and indexed), a real
+uvicorn server on a free localhost port: clip-retrieval's protocol, bad input, path traversal,
+curation, report cards, a bounded load test, and the page in headless Chromium."""
+
+import base64
+import http.client
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from react_vl import curation
+from react_vl.data import SkipLog, read_shard
+from react_vl.kb import KnowledgeBase
+from react_vl.models import load_model
+from react_vl.serve import MAX_BODY_BYTES, MAX_NUM_IMAGES, Backend, create_app
+
+TASK = "mini-shape-sketch"
+
+
+@pytest.fixture(scope="module")
+def world_kb(tiny_world, tmp_path_factory):
+    """(KB path, retrieved set R): one kb shard embedded with random mini-vit-test, indexed, retrieved
+    for mini-shape-sketch (random weights make every image a near-duplicate: no dedup)."""
+    from react_vl.embed import embed_corpus
+    from react_vl.index import build_indexes
+    from react_vl.retrieve import retrieve
+
+    root = tmp_path_factory.mktemp("serve")
+    shards = [str(p) for p in sorted((tiny_world / "kb").glob("*.tar"))[:1]]
+    embed_corpus(shards, "mini-vit-test", None, root / "kb", batch_size=256, workers=0, progress=False)
+    build_indexes(root / "kb", n_queries=50)
+    retrieve(root / "kb", TASK, root / "r", per_class=12, dedup_threshold=None)
+    return root / "kb", root / "r"
+
+
+@pytest.fixture(scope="module")
+def server(world_kb):
+    """The base URL of a uvicorn server in this process, serving the KB and R."""
+    import uvicorn
+
+    kb, retrieved = world_kb
+    app = create_app(Backend(kb), [retrieved])
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    instance = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=instance.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not instance.started and time.time() < deadline:
+        time.sleep(0.05)
+    assert instance.started, "the server did not start"
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    instance.should_exit = True
+    thread.join(10)
+
+
+def _post(url: str, body, content_type: str | None = None) -> tuple[int, object]:
+    """POST a body (JSON-encoded unless bytes) the way ClipClient does (requests' data=: no content type)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method="POST",
+                                     headers={"Content-Type": content_type} if content_type else {})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _get(url: str) -> tuple[int, bytes, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            return response.status, response.read(), response.headers.get("content-type", "")
+    except urllib.error.HTTPError as err:
+        return err.code, err.read(), err.headers.get("content-type", "")
+
+
+def _client_body(**query) -> dict:
+    """The body clip-retrieval's ClipClient posts (clip_client.py), with its defaults."""
+    return {"text": None, "image": None, "image_url": None, "embedding_input": None, "deduplicate": True,
+            "use_safety_model": True, "use_violence_detector": True, "indice_name": "kb", "use_mclip": False,
+            "aesthetic_score": 9, "aesthetic_weight": 0.5, "modality": "image", "num_images": 40,
+            "num_result_ids": 40, **query}
+
+
+def _normalise(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _text_embedding(kb: KnowledgeBase, texts: str | list[str]) -> np.ndarray:
+    """The KB model's L2-normalised embedding of a text (or of each of a list)."""
+    torch.manual_seed(0)  # the random mini-vit-test that embedded the KB
+    model, _, tokenizer = load_model(kb.info["model"], kb.info["pretrained"])
+    with torch.inference_mode():
+        emb = _normalise(model.encode_text(tokenizer([texts] if isinstance(texts, str) else texts)).float().numpy())
+    return emb[0] if isinstance(texts, str) else emb
+
+
+def _shard_images(kb: KnowledgeBase) -> dict:
+    """{id: image bytes} read from the corpus shards independently of the server."""
+    meta = kb.metadata(["id", "key", "shard"]).to_pylist()
+    by_key = {(p.shard, p.key): p.image for shard in {m["shard"] for m in meta} for p in read_shard(shard, SkipLog())}
+    return {m["id"]: by_key[(m["shard"], m["key"])] for m in meta}
+
+
+# --- the protocol ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("modality, stored", [("image", "img_emb"), ("text", "text_emb")])
+def test_text_query_finds_the_exact_neighbours_with_metadata_and_images(server, world_kb, modality, stored):
+    kb = KnowledgeBase(world_kb[0])
+    text = "a pencil sketch of a circle."
+    status, results = _post(f"{server}/knn-service", _client_body(text=text, modality=modality, num_images=5,
+                                                                   num_result_ids=8, deduplicate=False))
+    assert status == 200 and len(results) == 8
+    scores = np.asarray(kb.image_embeddings() if stored == "img_emb" else kb.text_embeddings(), np.float32) \
+        @ _text_embedding(kb, text)
+    exact = kb.ids()[np.argsort(-scores)[:8]]
+    assert [r["id"] for r in results] == exact.tolist()
+    np.testing.assert_allclose([r["similarity"] for r in results], np.sort(scores)[::-1][:8], atol=2e-3)
+    captions = dict(zip(kb.ids().tolist(), kb.metadata(["caption"]).column("caption").to_pylist()))
+    images = _shard_images(kb)
+    for result in results[:5]:
+        assert result["caption"] == captions[result["id"]]
+        assert base64.b64decode(result["image"]) == images[result["id"]]
+        assert result["url"] == f"{server}/image/{result['id']}"
+        status, data, kind = _get(result["url"])
+        assert status == 200 and data == images[result["id"]] and kind == "image/png"
+    assert all(set(r) == {"id", "similarity"} for r in results[5:]), "beyond num_images: ids and scores only"
+
+
+def test_image_and_embedding_queries(server, world_kb):
+    kb = KnowledgeBase(world_kb[0])
+    pair = int(kb.ids()[7])
+    image = base64.b64encode(_shard_images(kb)[pair]).decode()
+    status, by_image = _post(f"{server}/knn-service", _client_body(image=image, num_images=3, deduplicate=False))
+    assert status == 200 and by_image[0]["similarity"] > 0.99  # the image itself is in the KB
+    stored = np.asarray(kb.embeddings_of("img_emb", [pair])[0], np.float32)
+    status, by_embedding = _post(f"{server}/knn-service", _client_body(embedding_input=stored.tolist(),
+                                                                       num_images=3, deduplicate=False))
+    assert status == 200 and by_embedding[0]["similarity"] > 0.999
+    assert pair in [r["id"] for r in by_embedding] or by_embedding[0]["similarity"] > 0.9999
+
+
+def test_deduplicate_drops_near_duplicate_images(server, world_kb):
+    kb = KnowledgeBase(world_kb[0])
+    body = _client_body(text="a sketch of a star.", num_images=40)
+    _, plain = _post(f"{server}/knn-service", {**body, "deduplicate": False})
+    _, unique = _post(f"{server}/knn-service", body)
+    assert len(unique) < len(plain) == 40, "random weights make most images near-duplicates"
+    images = _normalise(np.asarray(kb.embeddings_of("img_emb", [r["id"] for r in unique]), np.float32))
+    cosine = images @ images.T
+    np.fill_diagonal(cosine, 0)
+    assert cosine.max() < 0.94 + 1e-3
+    assert unique[0]["id"] == plain[0]["id"], "the best-ranked copy stays"
+
+
+def test_metadata_and_indices_list(server, world_kb):
+    kb = KnowledgeBase(world_kb[0])
+    ids = kb.ids()[[0, 5, -1]].tolist()
+    unknown = 99 << 32  # part 99: not in the KB
+    status, answer = _post(f"{server}/metadata", {"ids": ids + [unknown], "indice_name": "kb"})
+    assert status == 200 and [a["id"] for a in answer] == ids + [unknown]
+    truth = {r["id"]: r for r in kb.metadata().to_pylist()}
+    assert all(a["metadata"] == truth[a["id"]] for a in answer[:3]) and answer[3]["metadata"] == {}
+    status, body, _ = _get(f"{server}/indices-list")
+    assert status == 200 and json.loads(body) == ["kb"]
+
+
+# --- bad input and security -----------------------------------------------------------------------
+BAD_QUERIES = [
+    (b"{not json", 400, "not JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    ({"text": "x", "modality": "image", "num_images": 5, "indice_name": "laion5B"}, 404, "unknown indice_name"),
+    ({"text": "x", "num_images": MAX_NUM_IMAGES + 1}, 400, "num_images must be between"),
+    ({"text": "x", "num_images": "ten"}, 400, "num_images must be int"),
+    ({"text": "x", "modality": "video"}, 400, "modality must be image or text"),
+    ({"image": base64.b64encode(b"not an image at all").decode()}, 400, "does not decode"),
+    ({"image": "%%% not base64 %%%"}, 400, "not valid base64"),
+    ({"image_url": "http://127.0.0.1:9/cat.jpg"}, 403, "--allow-image-urls"),
+    ({"embedding_input": [0.1, 0.2]}, 400, "dimensions"),
+    ({"embedding_input": ["a", "b"]}, 400, "list of numbers"),
+    ({}, 400, "the query is empty"),
+]
+
+
+@pytest.mark.parametrize("body, status, message", BAD_QUERIES)
+def test_bad_queries_get_a_clear_4xx_and_the_server_goes_on(server, body, status, message):
+    got, answer = _post(f"{server}/knn-service", body)
+    assert got == status and message in answer["detail"], answer
+    assert _get(f"{server}/indices-list")[0] == 200
+
+
+def test_oversized_and_bulk_requests_are_refused(server):
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.putrequest("POST", "/knn-service")
+    connection.putheader("Content-Length", str(MAX_BODY_BYTES + 10))
+    connection.endheaders()  # answered from the headers: the body is never read
+    response = connection.getresponse()
+    assert response.status == 413 and "over" in json.loads(response.read())["detail"]
+    status, answer = _post(f"{server}/metadata", {"ids": list(range(5000))})
+    assert status == 413 and "at most" in answer["detail"]
+    assert _get(f"{server}/image/99999999999")[0] == 404
+    assert _get(f"{server}/indices-list")[0] == 200
+
+
+TRAVERSALS = [
+    "/static/../kb.json", "/static/..%2fkb.json", "/static/%2e%2e%2fkb.json", "/static/%252e%252e%252fkb.json",
+    "/%2e%2e/%2e%2e/etc/passwd", "/../../../../etc/passwd", "//etc/passwd", "/image/..%2f..%2fetc%2fpasswd",
+    "/image/1/../../kb.json", "/api/retrieved/..%2f..%2fetc/cards", "/api/retrieved/%2e%2e/cards",
+    "/static/app.js/..%2f..%2f..%2fkb.json", "/static/....//....//kb.json", "/static/%c0%ae%c0%ae/kb.json",
+]
+
+
+@pytest.mark.parametrize("path", TRAVERSALS)
+def test_path_traversal_is_refused(server, world_kb, path):
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("GET", path)  # sent as written: no client-side normalisation
+    response = connection.getresponse()
+    body = response.read()
+    assert 400 <= response.status < 500, (path, response.status)
+    assert b"root:" not in body and b"text_tower_sha256" not in body and b'"model"' not in body
+
+
+# --- curation -------------------------------------------------------------------------------------
+def test_decisions_are_written_atomically_with_who_and_when(tmp_path):
+    curation.record_decisions(tmp_path, [3, 1, 2], "reject", who="ana", scope={"class": "circle"})
+    curation.record_decisions(tmp_path, [2], "accept", who="ben")
+    assert curation.rejected_ids(tmp_path) == {1, 3}
+    saved = json.loads((tmp_path / "curation.json").read_text())
+    assert saved["decisions"]["2"]["who"] == "ben" and saved["decisions"]["1"]["when"].endswith("Z")
+    assert [(a["decision"], a["pairs"]) for a in saved["log"]] == [("reject", 3), ("accept", 1)]
+    with pytest.raises(ValueError, match="decision must be one of"):
+        curation.record_decisions(tmp_path, [1], "delete")
+    assert not list(tmp_path.glob(".curation.json.*.tmp"))
+
+
+def test_concurrent_writers_lose_no_decision(tmp_path):
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: curation.record_decisions(tmp_path, [i], "reject", who=f"w{i % 3}"), range(40)))
+    assert curation.rejected_ids(tmp_path) == set(range(40))
+    assert len(json.loads((tmp_path / "curation.json").read_text())["log"]) == 40
+
+
+def test_a_broken_curation_file_is_named(tmp_path):
+    (tmp_path / "curation.json").write_text("[]")
+    with pytest.raises(ValueError, match="not a curation file"):
+        curation.rejected_ids(tmp_path)
+    assert curation.rejected_ids(tmp_path / "none") == set()
+
+
+def test_curation_through_the_server(server, world_kb, tmp_path):
+    _, retrieved = world_kb
+    status, view = _post(f"{server}/api/retrieved/r/curation", {"decision": "reject", "ids": [1]})
+    assert status == 415, "a text/plain post (a cross-site form) must not curate"
+    status, view = _get(f"{server}/api/retrieved/r/class?klass=circle")[:2]
+    view = json.loads(view)
+    assert status == 200 and view["count"] == len(view["pairs"]) > 0
+    query = view["queries"][0]["query"]
+    status, action = _post(f"{server}/api/retrieved/r/curation", {"decision": "reject", "class": "circle",
+                                                                  "query": query, "who": "tester"}, "application/json")
+    found_by_query = {p["id"] for p in view["pairs"] if query in p["queries"]}
+    assert status == 200 and action["pairs"] == len(found_by_query) and action["who"] == "tester"
+    assert found_by_query <= curation.rejected_ids(retrieved)
+    status, action = _post(f"{server}/api/retrieved/r/curation", {"decision": "accept", "ids": sorted(found_by_query)},
+                           "application/json")
+    assert status == 200 and not curation.rejected_ids(retrieved) & found_by_query
+    as_json = "application/json"
+    assert _post(f"{server}/api/retrieved/r/curation", {"decision": "maybe", "ids": [1]}, as_json)[0] == 400
+    assert _post(f"{server}/api/retrieved/nope/curation", {"decision": "reject", "ids": [1]}, as_json)[0] == 404
+
+
+def test_class_view_ranks_each_mode_and_shows_the_noise(world_kb):
+    _, retrieved = world_kb
+    rows = [r for r in pq.read_table(retrieved / "retrieved.parquet").to_pylist() if "circle" in r["classes"]]
+    view = curation.class_pairs(retrieved, "circle", limit=5, noise=3)
+    assert view["count"] == len(rows) and len(view["pairs"]) == 5 and len(view["noise"]) == 3
+    every = curation.class_pairs(retrieved, "circle", noise=0)["pairs"]
+    for mode in ("t2t", "t2i"):
+        found = sorted((p for p in every if mode in p["scores"]), key=lambda p: p["ranks"][mode])
+        assert [p["ranks"][mode] for p in found] == list(range(1, len(found) + 1))
+        assert all(a["scores"][mode] >= b["scores"][mode] for a, b in zip(found, found[1:]))
+    assert view["noise"] == every[-3:]
+    assert all(set(p["queries"]) <= {f.format("circle") for f in _templates()} for p in every)
+
+
+def _templates():
+    from react_vl.tasks import get_task
+    return get_task(TASK).templates
+
+
+# --- report cards ---------------------------------------------------------------------------------
+def test_report_cards_count_what_the_retrieved_file_holds(world_kb):
+    kb_path, retrieved = world_kb
+    kb = KnowledgeBase(kb_path)
+    rows = pq.read_table(retrieved / "retrieved.parquet").to_pylist()
+    result = curation.report_cards(kb, retrieved)
+    cards = {c["class"]: c for c in result["cards"]}
+    assert result["task"] == TASK and set(cards) == set(_task().classnames)
+    classifier = _normalise(np.stack([_text_embedding(kb, _task().prompts(name)).mean(0)
+                                      for name in _task().classnames]))
+    for name, card in cards.items():
+        mine = [r for r in rows if name in r["classes"]]
+        assert card["count"] == len(mine)
+        assert card["by_mode"] == {m: sum(r[f"score_{m}"] is not None for r in mine) for m in ("t2t", "t2i")}
+        assert card["both_modes"] == sum(len(r["modes"]) == 2 for r in mine)
+        assert {m: sum(h) for m, h in card["histogram"].items()} == card["by_mode"]
+        assert card["collapse"] == (card["prompt_cosine"] > curation.COLLAPSE_COSINE) and card["nearest_class"] != name
+        if mine:
+            images = np.asarray(kb.embeddings_of("img_emb", [r["id"] for r in mine]), np.float32)
+            agree = np.mean(np.array(_task().classnames)[np.argmax(images @ classifier.T, axis=1)] == name)
+            assert card["precision"] == pytest.approx(agree, abs=1e-4)
+    assert len(result["bin_edges"]["t2t"]) == curation.HISTOGRAM_BINS + 1
+
+
+def _task():
+    from react_vl.tasks import get_task
+    return get_task(TASK)
+
+
+def test_report_cards_list_the_most_overlapping_classes(world_kb, tmp_path):
+    kb_path, retrieved = world_kb
+    ids = KnowledgeBase(kb_path).ids()[:6].tolist()
+    classes = [["circle", "square"]] * 3 + [["circle", "star"], ["circle"], ["square", "star", "circle"]]
+    pq.write_table(pa.table({"id": ids, "caption": ["c"] * 6, "classes": classes, "modes": [["t2t"]] * 6,
+                             "score": [0.5] * 6}), tmp_path / "retrieved.parquet")
+    shutil.copy(retrieved / "summary.json", tmp_path / "summary.json")
+    cards = {c["class"]: c for c in curation.report_cards(kb_path, tmp_path)["cards"]}
+    assert cards["circle"]["overlapping"] == [{"class": "square", "shared": 4, "share": round(4 / 6, 4)},
+                                              {"class": "star", "shared": 2, "share": round(2 / 6, 4)}]
+    assert cards["square"]["count"] == 4 and cards["circle"]["both_modes"] is None
+    assert cards["triangle"]["count"] == 0 and cards["triangle"]["precision"] is None
+
+
+def test_cards_through_the_server(server):
+    status, body, _ = _get(f"{server}/api/retrieved/r/cards")
+    assert status == 200 and len(json.loads(body)["cards"]) == len(_task().classnames)
+
+
+# --- load ------------------------------------------------------------------------------------------
+def test_fifty_concurrent_queries_all_answer(server):
+    """A bounded local load test: 50 text queries at once (ClipClient bodies, 10 images each)."""
+    def one(i):
+        started = time.perf_counter()
+        status, results = _post(f"{server}/knn-service", _client_body(text=f"a sketch of shape {i}", num_images=10,
+                                                                       num_result_ids=10))
+        return status, len(results), time.perf_counter() - started
+
+    with ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(one, range(50)))
+    assert all(status == 200 and n > 0 for status, n, _ in answers)
+    latency = np.array([t for _, _, t in answers]) * 1000
+    print(f"\n50 concurrent queries: p50 {np.percentile(latency, 50):.0f} ms, p95 {np.percentile(latency, 95):.0f} ms")
+
+
+# --- the command ----------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_cli_serves_and_warns_off_localhost(world_kb, free_port):
+    kb, retrieved = world_kb
+    port = free_port
+    process = subprocess.Popen([sys.executable, "-m", "react_vl.cli", "serve", str(kb), "--retrieved", str(retrieved),
+                                "--host", "0.0.0.0", "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in process.stderr:
+            lines.append(line)
+            if "Uvicorn running" in line or "Traceback" in line:
+                break
+        assert any("warning: serving on 0.0.0.0" in line for line in lines), lines
+        status, body, _ = _get(f"http://127.0.0.1:{port}/indices-list")
+        assert status == 200 and json.loads(body) == ["kb"]
+    finally:
+        process.terminate()
+        process.wait(10)
