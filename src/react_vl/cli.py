@@ -10,6 +10,7 @@ import shlex
 import click
 
 from .demo import DemoConfig, run_demo
+from .experiment import BASE_CACHE
 from .train_config import TrainConfig
 from .world import WorldConfig
 
@@ -354,7 +355,7 @@ def base_model_options(command):
               help="Share of every customization batch drawn from the pretraining corpus (bounds forgetting).")
 @click.option("--no-random-control", is_flag=True,
               help="Skip the control run on a random knowledge-base subset of the retrieved size.")
-@click.option("--cache-dir", default="~/.cache/react-vl", help="Where trained base models are kept for reuse; "
+@click.option("--cache-dir", default=BASE_CACHE, help="Where trained base models are kept for reuse; "
               "'' turns the cache off.")
 @click.option("--workers", default=DemoConfig.workers, type=int, help="Data-loading worker processes.")
 def demo(out, seed, base_steps, base_batch, steps, mix_ratio, no_random_control, cache_dir, workers):

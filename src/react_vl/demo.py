@@ -19,7 +19,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .concepts import ATTRIBUTE_CLASSES, CONTROL_TASKS, MINI_TASKS, TARGET_TASKS
-from .experiment import ExperimentConfig, StageClock, prepare, random_subset, retrieve_targets, versions
+from .experiment import (BASE_CACHE, ExperimentConfig, StageClock, prepare, random_subset, retrieve_targets,
+                         versions)
 from .utils import write_json
 
 RANDOM_CONTROL = "gated-image (random subset)"
@@ -81,7 +82,7 @@ def ground_truth(selected: Path) -> dict:
 
 
 def run_demo(out: str | Path = "react-vl-demo", config: DemoConfig | None = None,
-             cache_dir: str | Path | None = "~/.cache/react-vl") -> dict:
+             cache_dir: str | Path | None = BASE_CACHE) -> dict:
     """Run every stage into `out`; return (and write) DEMO/summary.json."""
     from .evaluate import evaluate
     from .report import write_report
@@ -91,7 +92,7 @@ def run_demo(out: str | Path = "react-vl-demo", config: DemoConfig | None = None
     clock = StageClock()
     started = time.time()
 
-    base, kb = prepare(demo_dir, config, Path(cache_dir).expanduser() if cache_dir else None, clock)
+    base, kb = prepare(demo_dir, config, cache_dir, clock)
     check_class_prompts(base)
     merged, count = training_sets(demo_dir, kb, config, clock)
     runs = customize_runs(demo_dir, base, config, clock)

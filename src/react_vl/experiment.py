@@ -26,6 +26,8 @@ from .concepts import TARGET_TASKS
 from .utils import atomic_path, read_json, write_json
 from .world import WorldConfig
 
+BASE_CACHE = "~/.cache/react-vl"  # where trained base models are kept, for every demo and study to reuse
+
 
 @dataclass
 class ExperimentConfig:
@@ -102,8 +104,10 @@ def pretrain_base(out: Path, config: ExperimentConfig, cache_dir: Path | None) -
     return run / "model.pt"
 
 
-def prepare(out: Path, config: ExperimentConfig, cache_dir: Path | None, clock: StageClock) -> tuple[Path, Path]:
-    """The stages every experiment shares: world, base model, knowledge base and its indexes."""
+def prepare(out: Path, config: ExperimentConfig, cache_dir: str | Path | None,
+            clock: StageClock) -> tuple[Path, Path]:
+    """The stages every experiment shares: world, base model (cached under `cache_dir`; None: no
+    cache), knowledge base and its indexes."""
     from .embed import embed_corpus
     from .index import build_indexes
     from .world import generate_world
@@ -112,7 +116,7 @@ def prepare(out: Path, config: ExperimentConfig, cache_dir: Path | None, clock: 
                         f"knowledge-base pairs"):
         generate_world(out / "world", config.world)
     with clock("pretrain", f"train the base {config.model} from scratch ({config.base_steps} steps)"):
-        base = pretrain_base(out, config, cache_dir)
+        base = pretrain_base(out, config, Path(cache_dir).expanduser() if cache_dir else None)
     kb = out / "kb"
     with clock("embed", "embed the knowledge base with the base model"):
         embed_corpus(str(out / "world" / "kb"), None, str(base), kb, workers=config.workers,

@@ -40,7 +40,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .concepts import ATTRIBUTE_CLASSES, CONTROL_TASKS, MINI_TASKS, TARGET_TASKS
-from .experiment import ExperimentConfig, StageClock, prepare, random_subset, retrieve_targets, versions, write_subset
+from .experiment import (BASE_CACHE, ExperimentConfig, StageClock, prepare, random_subset, retrieve_targets,
+                         versions, write_subset)
 from .strategies import GATED_STRATEGIES
 from .utils import atomic_path, markdown_table, read_json, write_json
 
@@ -483,7 +484,7 @@ def _check_same_config(study_dir: Path, config: StudyConfig) -> None:
 
 
 def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: StudyConfig | None = None,
-              seeds: int = 3, *, ablations=ABLATIONS, cache_dir: str | Path | None = "~/.cache/react-vl") -> dict:
+              seeds: int = 3, *, ablations=ABLATIONS, cache_dir: str | Path | None = BASE_CACHE) -> dict:
     """Run (or resume) every ablation for `seeds` customization seeds; return what STUDY/study.json holds."""
     config = config or StudyConfig()
     if seeds < 1:
@@ -494,7 +495,7 @@ def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: S
     plan = plan_study(config, quick, ablations)
     clock = StageClock()
     started = time.time()
-    base, kb = prepare(study_dir, config, Path(cache_dir).expanduser() if cache_dir else None, clock)
+    base, kb = prepare(study_dir, config, cache_dir, clock)
     with clock("base scores", "zero-shot scores of the base model on every task"):
         base_scores = base_model_scores(study_dir, base, config.workers, validate="schedule" in plan)
     default_retrieved = Run(mode=config.retrieve_mode, per_class=config.per_class)
