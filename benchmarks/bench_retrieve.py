@@ -1,101 +1,170 @@
-"""Retrieve benchmark: time to retrieve ~100k results for a 100-class task, vs the bare FAISS searches.
+"""Retrieve benchmark: results/s and peak memory at 20k, 200k and 2M results from a 2.5M-pair, 512-d KB.
 
-    nice -n 10 python benchmarks/bench_retrieve.py            # 100 classes x 2 templates, 100k results
-    nice -n 10 python benchmarks/bench_retrieve.py --kb-size 100000 --results 20000
+    nice -n 10 python benchmarks/bench_retrieve.py                       # the three sizes
+    nice -n 10 python benchmarks/bench_retrieve.py --results 20000,200000 --work /tmp/bench_kb
 
-A synthetic KB (normalised 128-d vectors, ids over several parts) is clustered around the
-task's real query embeddings (untrained mini-vit, made-up class names) and as many random
-centres, and indexed with `build_indexes`; `retrieve` then runs the whole stage (query
-encoding, t2t + t2i search, merge by id, near-duplicate removal, per-class cap, parquet +
-summary). Neighbouring queries share pairs and near-duplicates go, so a class cap of
-results / classes yields fewer distinct results than asked: the cap doubles until the stage
-returns the target count, and that run is the one timed. The same searches alone are timed
-in the same run, so the ratio shows what the stage adds to FAISS.
-The paper's reference point: 10M results in under 10 minutes (~17k results/s) on 64 cores.
+A synthetic LAION-style KB (512-d float16 embeddings in parts of 100k, explicit ids) is made
+once in --work and reused: for each of the task's queries (1000 made-up classes x 2 templates,
+encoded by an untrained 512-d mini-vit) 1,100 pairs whose image and caption lie near it, 5% of
+those again as near-duplicate images under other ids, and unrelated pairs in random directions.
+Each class so holds ~2,200 distinct pairs (plus duplicates), so 2M results (2,000 per class)
+are possible, which they are not from a KB of exactly 2M pairs once duplicates go. Indexes are
+IVF1024,Flat tuned for recall@10, so retrieve re-tunes them at its k.
+
+Each size runs `retrieve` (both modes, near-duplicate removal on, per_class = results /
+classes) in its own process, so its peak RSS is its own: VmHWM (which counts the pages of the
+memory-mapped indexes it touched) and the peak of anonymous memory (sampled every 50 ms: what
+the stage itself holds). Results per core-second use the process's CPU time; the paper's
+figure is 10M results in under 10 minutes on 64 cores, ~260 per core-second.
 """
 
 import argparse
-import tempfile
+import json
+import resource
+import subprocess
+import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pyarrow as pa
-from open_clip import get_tokenizer
 
-from react_vl.index import build_indexes, load_index
-from react_vl.kb import KnowledgeBase, make_ids, write_info, write_part
-from react_vl.retrieve import encode_queries, retrieve
-from react_vl.tasks import Task
+MODEL, DIM = "bench-vit-512", 512
+CLASSES, TEMPLATES = 1000, ("a photo of a {}.", "a drawing of a {}.")
+PER_QUERY, DUPLICATES, NOISE, PART = 1100, 0.05, 190_000, 100_000
+SPREAD = 0.015  # noise per coordinate: members ~0.95 cosine from their query, ~0.90 from each other
+PAPER_PER_CORE_S = 10_000_000 / (10 * 60 * 64)
 
-MODEL = "mini-vit"  # randomly initialised (no weights needed)
+
+def register_model(work: Path):
+    """mini-vit with 512-d embeddings (LAION's ViT-B size), as an open_clip model config."""
+    config = json.loads((Path(__file__).parents[1] / "src/react_vl/model_configs/mini-vit.json").read_text())
+    (work / "model").mkdir(parents=True, exist_ok=True)
+    (work / "model" / f"{MODEL}.json").write_text(json.dumps({**config, "embed_dim": DIM}))
+    open_clip.add_model_config(work / "model")
+
+
+def bench_task():
+    from react_vl.tasks import Task
+    tokenizer = open_clip.get_tokenizer(MODEL)
+    words = [w[:-4] for w in tokenizer.encoder if w.endswith("</w>") and w[:-4].isalpha() and len(w) > 7]
+    rng = np.random.default_rng(0)
+    return Task("bench", [" ".join(rng.choice(words, 3, replace=False)) for _ in range(CLASSES)], TEMPLATES)
+
+
+def make_kb(kb_path: Path):
+    """Write the KB part by part: pairs around the queries, their near-duplicates, unrelated pairs."""
+    from react_vl.kb import KnowledgeBase, make_ids, write_info, write_part
+    from react_vl.retrieve import encode_queries
+    write_part(kb_path, 0, np.eye(1, DIM, dtype=np.float16), np.eye(1, DIM, dtype=np.float16),
+               pa.table({"caption": ["probe"]}))
+    write_info(kb_path, model=MODEL, pretrained=None, dim=DIM)
+    _, _, queries = encode_queries(KnowledgeBase(kb_path), bench_task())
+    rng = np.random.default_rng(1)
+    relevant = len(queries) * PER_QUERY
+    duplicated = rng.random(relevant) < DUPLICATES
+    centre = np.concatenate([np.repeat(np.arange(len(queries)), PER_QUERY),
+                             np.repeat(np.arange(len(queries)), PER_QUERY)[duplicated], np.full(NOISE, -1)])
+    twin_of = np.concatenate([np.full(relevant, -1), np.flatnonzero(duplicated), np.full(NOISE, -1)])
+    count = len(centre)
+    image_of = {}  # relevant row -> its image, kept until its duplicate is written
+    for part, lo in enumerate(range(0, count, PART)):
+        rows = np.arange(lo, min(lo + PART, count))
+        base = queries[np.maximum(centre[rows], 0)]
+        unrelated = centre[rows] < 0
+        base[unrelated] = rng.standard_normal((int(unrelated.sum()), DIM), dtype=np.float32)
+        img, text = (base + SPREAD * rng.standard_normal((len(rows), DIM), dtype=np.float32) for _ in range(2))
+        twins = twin_of[rows] >= 0
+        if twins.any():
+            img[twins] = np.stack([image_of.pop(r) for r in twin_of[rows][twins]]) \
+                + 0.001 * rng.standard_normal((int(twins.sum()), DIM), dtype=np.float32)
+        img, text = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (img, text))
+        image_of.update({int(r): img[i] for i, r in enumerate(rows) if r < relevant and duplicated[r]})
+        meta = pa.table({"key": [f"{part}-{i}" for i in range(len(rows))], "caption": [f"pair {r}" for r in rows],
+                         "shard": [f"shard-{part:06d}.tar"] * len(rows), "id": make_ids(part, len(rows))})
+        write_part(kb_path, part, img.astype(np.float16), text.astype(np.float16), meta)
+        print(f"\rKB part {part} ({rows[-1] + 1:,} / {count:,} pairs)", end="", flush=True)
+    write_info(kb_path, model=MODEL, pretrained=None, dim=DIM, dtype="float16", count=count)
+    print()
+
+
+def peak_anon(stop: threading.Event, peak: list):
+    while not stop.wait(0.05):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                peak[0] = max(peak[0], int(line.split()[1]) * 1024)
+
+
+def child(kb_path: Path, per_class: int, out: Path):
+    """One retrieve run, measured from inside its own process; prints one JSON line."""
+    from react_vl.retrieve import retrieve
+    stop, peak = threading.Event(), [0]
+    sampler = threading.Thread(target=peak_anon, args=(stop, peak), daemon=True)
+    sampler.start()
+    start = time.perf_counter()
+    summary = retrieve(kb_path, bench_task(), out, per_class=per_class)
+    seconds = time.perf_counter() - start
+    stop.set()
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    print(json.dumps({"per_class": per_class, "seconds": seconds, "cpu_s": usage.ru_utime + usage.ru_stime,
+                      "vmhwm": int(status["VmHWM"].split()[0]) * 1024, "peak_anon": peak[0],
+                      **{key: summary[key] for key in ("retrieved", "hits", "unique_candidates", "removed",
+                                                       "short_classes", "stage_seconds", "search")}}))
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--kb-size", type=int, default=500_000, help="pairs in the synthetic KB")
-    parser.add_argument("--classes", type=int, default=100)
-    parser.add_argument("--results", type=int, default=100_000, help="target results (per_class starts at results / classes)")
-    parser.add_argument("--spread", type=float, default=0.05,
-                        help="cluster noise per coordinate (0.05: cluster radius ~0.55, members ~0.75 cosine apart)")
+    parser.add_argument("--results", default="20000,200000,2000000", help="target result counts, comma-separated")
+    parser.add_argument("--work", default="/tmp/bench_retrieve", help="folder for the KB (reused) and the runs")
+    parser.add_argument("--child", nargs=3, metavar=("KB", "PER_CLASS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    # distinct made-up class names (three random words each): "object 1" .. "object 100" would
-    # differ in one token and share most neighbours
-    words = [w[:-4] for w in get_tokenizer(MODEL).encoder if w.endswith("</w>") and w[:-4].isalpha() and len(w) > 7]
-    rng = np.random.default_rng(0)
-    names = [" ".join(rng.choice(words, 3, replace=False)) for _ in range(args.classes)]
-    task = Task("bench", names, ["a photo of a {}.", "a drawing of a {}."])
-    with tempfile.TemporaryDirectory() as tmp:
-        kb_path = Path(tmp) / "kb"
-        dim = 128  # mini-vit's embedding size
-        write_part(kb_path, 0, np.eye(1, dim, dtype=np.float32), np.eye(1, dim, dtype=np.float32),
-                   pa.table({"caption": ["probe"]}))
-        write_info(kb_path, model=MODEL, pretrained=None, dim=dim)
-        _, _, queries = encode_queries(KnowledgeBase(kb_path), task)
-        # pairs scattered around the real query embeddings and elsewhere, in parts of 100k
-        for part, lo in enumerate(range(0, args.kb_size, 100_000)):
-            n = min(100_000, args.kb_size - lo)
-            centres = np.concatenate([queries, rng.standard_normal((len(queries), dim)).astype(np.float32)])
-            img, text = (centres[rng.integers(len(centres), size=n)] + args.spread * rng.standard_normal((n, dim))
-                         for _ in range(2))
-            img, text = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (img, text))
-            meta = pa.table({"key": [f"{part}-{i}" for i in range(n)], "caption": [f"pair {i}" for i in range(n)],
-                             "shard": [f"shard-{part:06d}.tar"] * n, "id": make_ids(part, n)})
-            write_part(kb_path, part, img.astype(np.float16), text.astype(np.float16), meta)
-        write_info(kb_path, model=MODEL, pretrained=None, dim=dim, dtype="float16", count=args.kb_size)
+    work = Path(args.work)
+    register_model(work)
+    if args.child:
+        return child(Path(args.child[0]), int(args.child[1]), Path(args.child[2]))
+
+    from react_vl.index import build_index
+    from react_vl.kb import KnowledgeBase
+    kb_path = work / "kb"
+    if not (kb_path / "text.index.json").exists():
         start = time.perf_counter()
-        build_indexes(kb_path, n_queries=200)
-        index_s = time.perf_counter() - start
+        make_kb(kb_path)
+        for kind in ("image", "text"):
+            build_index(KnowledgeBase(kb_path), kind, memory_budget="16GB", factory="IVF1024,Flat", n_queries=200)
+        print(f"KB and indexes made in {time.perf_counter() - start:.0f} s")
+    rows = []
+    for target in (int(t) for t in args.results.split(",")):
+        run = subprocess.run([sys.executable, __file__, "--work", str(work), "--child", str(kb_path),
+                              str(target // CLASSES), str(work / f"r{target}")], capture_output=True, text=True)
+        if run.returncode:
+            sys.exit(f"retrieve of {target:,} results failed:\n{run.stderr[-3000:]}")
+        rows.append(json.loads(run.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), flush=True)
+    report(rows, len(KnowledgeBase(kb_path)))
 
-        # Queries of one class and neighbouring classes share pairs, and near-duplicates go, so a
-        # class's cap yields fewer distinct results than it asks: raise it until the stage
-        # returns the target count, and time that run.
-        per_class, attempts = args.results // args.classes, []
-        while True:
-            start = time.perf_counter()
-            summary = retrieve(kb_path, task, Path(tmp) / "r", per_class=per_class)
-            attempts.append((per_class, summary, time.perf_counter() - start))
-            if summary["retrieved"] >= args.results or per_class >= 8 * args.results // args.classes:
-                break
-            per_class *= 2
 
-        kb = KnowledgeBase(kb_path)
-        start = time.perf_counter()
-        for kind in ("text", "image"):
-            load_index(kb, kind).search(queries, per_class)
-        search_s = time.perf_counter() - start
-
-    print(f"\nKB {args.kb_size} pairs (indexes built in {index_s:.1f} s), task {args.classes} classes x "
-          f"{len(task.templates)} templates, mode both")
-    for cap, result, seconds in attempts:
-        print(f"per_class {cap}: {result['retrieved']:,} results from {result['hits']:,} hits "
-              f"({result['unique_candidates']:,} distinct) in {seconds:.2f} s; removed {result['removed']}")
-    retrieved, retrieve_s = attempts[-1][1]["retrieved"], attempts[-1][2]
-    print(f"time to retrieve {retrieved:,} results (target {args.results:,}"
-          f"{'' if retrieved >= args.results else ', NOT reached'}): {retrieve_s:.2f} s, {retrieved / retrieve_s:,.0f} results/s")
-    print(f"bare FAISS searches at per_class {per_class} (load + search, both indexes): {search_s:.2f} s; "
-          f"stage / bare-search time ratio {retrieve_s / search_s:.1f}x")
-    print(f"paper's rate ~17k results/s (10M in < 10 min on 64 cores); ours / paper's {retrieved / retrieve_s / 16_667:.2f}")
+def report(rows: list[dict], kb_size: int):
+    print(f"\nKB {kb_size:,} pairs x {DIM}-d (float16), {CLASSES} classes x {len(TEMPLATES)} templates, both modes, "
+          f"near-duplicates removed")
+    print("| per class | hits | results | short classes | s | results/s | results per core-s | x paper | "
+          "s per 1k results (search+filter+write) | peak RSS GiB | peak anon GiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        stages = r["stage_seconds"]
+        variable = stages["search"] + stages["filter"] + stages["write"]
+        print(f"| {r['per_class']:,} | {r['hits']:,} | {r['retrieved']:,} | {r['short_classes']['count']} | "
+              f"{r['seconds']:.1f} | {r['retrieved'] / r['seconds']:,.0f} | {r['retrieved'] / r['cpu_s']:,.0f} | "
+              f"{r['retrieved'] / r['cpu_s'] / PAPER_PER_CORE_S:.1f} | {1000 * variable / r['retrieved']:.3f} | "
+              f"{r['vmhwm'] / 2**30:.2f} | {r['peak_anon'] / 2**30:.2f} |")
+    first, last = rows[0], rows[-1]
+    per_result = [r["seconds"] / r["retrieved"] for r in (first, last)]
+    print(f"time per result, {last['retrieved']:,} vs {first['retrieved']:,} results: "
+          f"{per_result[1] / per_result[0]:.2f}x (whole stage); peak anonymous memory "
+          f"{last['peak_anon'] / first['peak_anon']:.1f}x for {last['retrieved'] / first['retrieved']:.0f}x the "
+          f"results and {last['hits'] / first['hits']:.0f}x the hits")
 
 
 if __name__ == "__main__":

@@ -178,13 +178,14 @@ def cap_per_class(klass: np.ndarray, mode: np.ndarray, ids: np.ndarray, score: n
     position = np.arange(len(turns)) - np.searchsorted(klass[turns], klass[turns])
     if limit is not None:
         turns, position = turns[position < limit], position[position < limit]
-    keys = pair[turns]
+    keys = pair[turns]  # the kept (class, id) keys, each once
     sorter = np.argsort(keys)
 
-    def entry_of(wanted):  # entry index of each (class, id) key, -1 where it was not kept
-        at = sorter[np.minimum(np.searchsorted(keys, wanted, sorter=sorter), max(len(keys) - 1, 0))] \
-            if len(keys) else np.zeros(len(wanted), dtype=np.int64)
-        return np.where(keys[at] == wanted, at, -1) if len(keys) else at - 1
+    def entry_of(wanted):  # entry number of each (class, id) key; -1 where that pair was not kept for that class
+        if not len(keys):
+            return np.full(len(wanted), -1, dtype=np.int64)
+        at = sorter[np.minimum(np.searchsorted(keys, wanted, sorter=sorter), len(keys) - 1)]
+        return np.where(keys[at] == wanted, at, -1)
 
     scores = np.full((len(turns), len(MODES)), np.nan, dtype=np.float32)
     entry = entry_of(pair[first])
@@ -206,8 +207,10 @@ def search_chunk(indexes: dict, queries: np.ndarray, query_class: np.ndarray, qu
     kept = cap_per_class(query_class[query], mode, ids, score, limit)
     hit = kept.pop("hit")
     # provenance: which queries found each kept entry (a query once per entry, whatever the mode)
-    found_by = np.unique(np.stack([hit[hit >= 0], query_ids[query[hit >= 0]]]), axis=1)
-    return {**kept, "query_entry": found_by[0], "query": found_by[1].astype(np.int32), "hits": np.int64(len(ids))}
+    n_queries = int(query_ids.max(initial=0)) + 1
+    found_by = np.unique(hit[hit >= 0] * n_queries + query_ids[query[hit >= 0]])
+    return {**kept, "query_entry": found_by // n_queries, "query": (found_by % n_queries).astype(np.int32),
+            "hits": np.int64(len(ids))}
 
 
 def class_chunks(n_classes: int, templates: int, k: int, modes: int, hits_per_chunk: int) -> list[range]:
@@ -491,8 +494,10 @@ def merge_chunks(kb: KnowledgeBase, task: Task, prompts: list[str], out: Path, e
     ids, starts = np.unique(entries["id"][by_id], return_index=True)
     best = np.nanmax(np.fmax.reduceat(entries["score"][by_id], starts, axis=0), axis=1) if len(ids) else ids
     ids = ids[np.lexsort((ids, -best))]  # best first
+    started = time.time()
     removed, counts = filter_pairs(kb, locate(kb, ids), **filters)
     kept = select(entries, ids[removed], per_class)
+    filtered = time.time()
     retrieved = write_retrieved(kb, np.unique(kept["id"]), Provenance(kept, list(task.classnames), prompts),
                                 out / "retrieved.parquet")
     per_class_counts = np.bincount(kept["class"], minlength=len(task.classnames))
@@ -506,6 +511,7 @@ def merge_chunks(kb: KnowledgeBase, task: Task, prompts: list[str], out: Path, e
         "per_class_counts": dict(zip(task.classnames, per_class_counts.tolist())),
         "short_classes": {"count": len(short), "missing_pairs": int((per_class - per_class_counts[short]).sum())
                           if len(short) else 0, "classes": [task.classnames[c] for c in short[:20]]},
+        "stage_seconds": {"filter": filtered - started, "write": time.time() - filtered},
     }
 
 
@@ -530,8 +536,11 @@ def retrieve(kb_path: str | Path, task: str | Task, out: str | Path, mode: str =
     task = task if isinstance(task, Task) else get_task(task)
     env = init_distributed("cpu")
     try:
+        marks = [time.time()]
         prompts, query_class, queries = encode_queries(kb, task, model)
+        marks.append(time.time())
         indexes, search = open_indexes(env, kb, modes, queries, k)
+        marks.append(time.time())
         chunks = class_chunks(len(task.classnames), len(task.templates), k, len(modes), hits_per_chunk)
         parts = out / "parts" / settings_key(kb, task, modes, k, limit, search)
         if env.is_main:  # chunk files of other settings can never be reused
@@ -539,6 +548,7 @@ def retrieve(kb_path: str | Path, task: str | Task, out: str | Path, mode: str =
                 if stale != parts:
                     shutil.rmtree(stale)
         ranks = env.gather(search_chunks(env, indexes, queries, query_class, chunks, k, limit, parts))
+        marks.append(time.time())
         if env.is_main:
             filters = {"min_clip_score": min_clip_score, "eval_set": eval_set, "eval_threshold": eval_threshold,
                        "dedup_threshold": dedup_threshold}
@@ -552,6 +562,8 @@ def retrieve(kb_path: str | Path, task: str | Task, out: str | Path, mode: str =
                 "search": search, "chunks": {"total": len(chunks), "searched": sum(r["searched"] for r in ranks),
                                              "ranks": ranks}, "seconds": time.time() - started,
             }
+            summary["stage_seconds"] = {**dict(zip(("queries", "index", "search"), np.diff(marks).round(2))),
+                                        **{s: round(t, 2) for s, t in summary["stage_seconds"].items()}}
             write_json(summary, out / "summary.json")
         env.barrier()
         return read_json(out / "summary.json")
