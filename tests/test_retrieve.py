@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
@@ -324,6 +325,19 @@ def test_bad_arguments_are_refused(planted, tmp_path):
     result = CliRunner().invoke(main, ["retrieve", str(kb.path), "--task", str(tmp_path / "empty.json"),
                                        "--out", str(tmp_path / "b")])
     assert result.exit_code != 0 and "the class list is empty" in result.output
+
+
+def test_index_of_other_ids_is_refused(planted, tmp_path):
+    """Metadata renumbered after indexing: the index's ids no longer name the KB's pairs."""
+    import shutil
+    kb, _ = planted
+    shutil.copytree(kb.path, tmp_path / "kb")
+    path = tmp_path / "kb" / "metadata" / "metadata_1.parquet"
+    table = pq.read_table(path)
+    pq.write_table(table.set_column(table.schema.get_field_index("id"), "id",
+                                    pa.array(table.column("id").to_numpy() + 1)), path)
+    with pytest.raises(ValueError, match="does not match its knowledge base: its ids differ"):
+        retrieve(tmp_path / "kb", TASK, tmp_path / "r", per_class=5)
 
 
 def _many_classes(n: int) -> Task:
