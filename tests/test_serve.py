@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -384,3 +385,123 @@ def test_cli_serves_and_warns_off_localhost(world_kb, free_port):
     finally:
         process.terminate()
         process.wait(10)
+
+
+# --- the page, in headless Chromium ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chromium():
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("headless Chromium not installed (apt-get install -y chromium; .ci/run installs it)")
+    return path
+
+
+class DevTools:
+    """A headless Chromium page driven over the DevTools protocol; script errors are collected."""
+
+    def __init__(self, chromium: str, profile: Path):
+        import websocket
+
+        self.process = subprocess.Popen(
+            [chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--user-data-dir={profile}",
+             "--remote-debugging-port=0", "--remote-allow-origins=*", "--window-size=1280,900", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file, deadline = profile / "DevToolsActivePort", time.time() + 60
+        while not (port_file.exists() and port_file.read_text().count("\n") >= 1) and time.time() < deadline:
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        pages = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{port}/json", timeout=30).read())
+        page = next(p for p in pages if p["type"] == "page")
+        self.socket = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
+        self.next_id, self.errors = 0, []
+        for domain in ("Page", "Runtime", "Log"):
+            self.send(f"{domain}.enable")
+
+    def send(self, method: str, **params) -> dict:
+        self.next_id += 1
+        self.socket.send(json.dumps({"id": self.next_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv())
+            if message.get("id") == self.next_id:
+                assert "error" not in message, message
+                return message["result"]
+            self._event(message)
+
+    def _event(self, message: dict):
+        method, params = message.get("method"), message.get("params", {})
+        if method == "Runtime.exceptionThrown":
+            self.errors.append(params["exceptionDetails"].get("exception", {}).get("description", str(params)))
+        elif method == "Runtime.consoleAPICalled" and params["type"] == "error":
+            self.errors.append(str(params["args"]))
+        elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
+            self.errors.append(params["entry"]["text"] + " " + params["entry"].get("url", ""))
+
+    def evaluate(self, expression: str):
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 60):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            time.sleep(0.2)
+        page = self.evaluate("document.body.innerText")[:500]
+        raise AssertionError(f"timed out waiting for {expression}; the page reads: {page}")
+
+    def close(self):
+        self.socket.close()
+        self.process.terminate()
+        self.process.wait(10)
+
+
+LOADED = """(() => { const images = [...document.querySelectorAll('%s .result img')];
+  return images.length > 0 && images.every(i => i.complete && i.naturalWidth > 0) && images.length; })()"""
+
+
+def test_page_searches_from_the_url_by_click_and_curates(server, world_kb, chromium, tmp_path):
+    _, retrieved = world_kb
+    browser, pair = DevTools(chromium, tmp_path / "profile"), None
+    try:
+        browser.send("Page.navigate", url=f"{server}/?query=a+pencil+sketch+of+a+circle.&modality=image&num=12")
+        assert browser.wait_for(LOADED % "#results") == 12
+        first = browser.evaluate("document.querySelector('#results .result').dataset.id")
+        browser.evaluate("document.querySelector('#results .result').click()")
+        browser.wait_for(f"location.search.includes('id={first}') && "
+                         f"document.querySelector('#results h2')?.textContent.includes('pair {first}')")
+        assert browser.wait_for(LOADED % "#results") == 12
+        assert browser.evaluate("document.querySelector('#results .result').dataset.id") == first, "itself first"
+        screenshot = browser.send("Page.captureScreenshot", format="png")["data"]
+        Path("/tmp/serve.png").write_bytes(base64.b64decode(screenshot))
+
+        browser.send("Page.navigate", url=f"{server}/?set=r")
+        browser.wait_for("document.querySelectorAll('table.cards tr').length > 1")
+        browser.evaluate("[...document.querySelectorAll('table.cards a')].find(a => a.textContent == 'circle').click()")
+        browser.wait_for(LOADED % "#class-view")
+        pair = int(browser.evaluate("document.querySelector('#class-view .result').dataset.id"))
+        browser.evaluate("localStorage.setItem('curator', 'chromium')")
+        browser.evaluate("document.querySelector('#class-view .result button').click()")  # reject
+        browser.wait_for(f"document.querySelector('#class-view .result[data-id=\"{pair}\"]')"
+                         f"?.classList.contains('rejected')")
+        assert pair in curation.rejected_ids(retrieved)
+        assert json.loads((retrieved / "curation.json").read_text())["decisions"][str(pair)]["who"] == "chromium"
+        assert browser.errors == []
+    finally:
+        browser.close()
+        if pair is not None:
+            curation.record_decisions(retrieved, [pair], "accept", who="test cleanup")
+
+
+def test_broken_images_are_hidden(server, chromium, tmp_path):
+    browser = DevTools(chromium, tmp_path / "profile")
+    try:
+        browser.send("Page.navigate", url=f"{server}/?query=a+star&num=3")
+        browser.wait_for(LOADED % "#results")
+        hidden = browser.evaluate("""(async () => { const img = document.querySelector('#results .result img');
+          img.src = '/image/999999999999'; await new Promise(r => setTimeout(r, 1500)); return img.hidden; })()""")
+        assert hidden is True
+        assert all("999999999999" in error for error in browser.errors), browser.errors  # only the planted 404
+    finally:
+        browser.close()

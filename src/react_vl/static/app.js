@@ -45,7 +45,7 @@ function resultCard(result, modality) {
   image.addEventListener("error", () => { image.hidden = true; });  // missing images are hidden
   if (result.url) image.src = result.url;
   return element("div", { class: "result", "data-id": result.id, title: "search by this image",
-                          onclick: () => navigate({ id: result.id, modality }) },
+                          onclick: () => navigate({ id: result.id, modality, num: $("num").value }) },
     image, element("div", { class: "caption" }, result.caption || ""),
     element("div", { class: "score" }, `similarity ${fmt(result.similarity)}`));
 }
