@@ -1,12 +1,19 @@
 """materialize: a hand-made retrieved set over tiny_world's embedded KB becomes training shards."""
 
+import io
 import json
+import signal
+import time
 from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 import webdataset as wds
+from test_embed import run_cli
 
 from react_vl.data import ParquetColumns, iter_corpus
 from react_vl.embed import embed_corpus
@@ -113,3 +120,75 @@ def test_parquet_corpus_and_url_corpus(tiny_world, tmp_path):
     url_list = pq.read_table(summary["url_pairs"]["url_list"]).to_pylist()
     assert [r["url"] for r in url_list] == [f"https://img/{p.key}.png" for p in pairs[4:]]
     assert summary["missing"]["total"] == 0
+
+
+def corpus_retrieved(folder, shards: int, per_shard: int, size: int = 24) -> list[dict]:
+    """Webdataset shards of random images and a retrieved set of all their pairs (ids as embed gives them)."""
+    from test_embed import make_shards
+
+    from react_vl.kb import make_ids
+    rows = []
+    for part, path in enumerate(make_shards(folder, shards, per_shard)):
+        for i, pair in enumerate(iter_corpus(str(path.resolve()))):
+            rows.append({"id": int(make_ids(part, per_shard)[i]), "key": pair.key, "caption": pair.caption,
+                         "shard": pair.shard, "classes": ["circle"] if i % 2 else ["red"], "score": 0.5})
+    return rows
+
+
+def read_samples(folder) -> list[dict]:
+    return [{k: v for k, v in s.items() if k not in ("__url__", "__local_path__")}
+            for s in wds.WebDataset(sorted(str(p) for p in Path(folder).glob("shard-*.tar")), shardshuffle=False)]
+
+
+def test_caption_embeddings_in_every_sample_and_parallel_equals_serial(world_kb, tmp_path):
+    from react_vl.models import load_model, text_tower_fingerprint
+
+    rows = retrieved_rows(world_kb.metadata().to_pylist())[:120]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "retrieved.parquet")
+    serial = materialize(tmp_path / "retrieved.parquet", tmp_path / "one", kb=world_kb.path, maxcount=25,
+                         progress=False)
+    parallel = materialize(tmp_path / "retrieved.parquet", tmp_path / "two", kb=world_kb.path, maxcount=25,
+                           workers=2, progress=False)
+    torch.manual_seed(0)  # embed's seed for randomly initialised models
+    fingerprint = text_tower_fingerprint(load_model("mini-vit-test", None)[0])
+    assert world_kb.info["text_tower_sha256"] == fingerprint
+    assert serial["text_embeddings"] == {"model": "mini-vit-test", "pretrained": None, "dim": 32,
+                                         "text_tower_sha256": fingerprint} == parallel["text_embeddings"]
+    samples = read_samples(tmp_path / "one")
+    assert samples == read_samples(tmp_path / "two") and len(samples) == serial["count"] == len(rows)
+    kb_rows = {row["id"]: i for i, row in enumerate(world_kb.metadata(["id"]).to_pylist())}
+    text = world_kb.text_embeddings()
+    for sample in samples:
+        emb = np.load(io.BytesIO(sample["text_emb.npy"]))
+        expected = text[kb_rows[json.loads(sample["json"])["id"]]].astype(np.float32)
+        assert emb.shape == (32,) and emb.dtype == np.float16
+        np.testing.assert_allclose(emb, expected / np.linalg.norm(expected), atol=1e-3)
+
+
+def test_resume_after_sigkill_keeps_finished_shards(tmp_path):
+    rows = corpus_retrieved(tmp_path / "corpus", shards=12, per_shard=30)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "retrieved.parquet")
+    args = [str(tmp_path / "retrieved.parquet"), "--maxcount", "5", "--no-download"]
+    killed = run_cli("materialize", *args, "--out", str(tmp_path / "out"))
+    state = tmp_path / "out" / ".materialize"
+    deadline = time.time() + 90
+    while len(list(state.glob("shard-*.json"))) < 2 and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    finished = {p.name.removesuffix(".json"): (tmp_path / "out" / p.name.removesuffix(".json")).stat()
+                for p in state.glob("shard-*.json")}
+    assert 2 <= len(finished) < 72 and not (tmp_path / "out" / "summary.json").exists(), len(finished)
+
+    resumed = run_cli("materialize", *args, "--out", str(tmp_path / "out"))
+    materialize(tmp_path / "retrieved.parquet", tmp_path / "once", maxcount=5, run_img2dataset=False, progress=False)
+    assert resumed.wait(timeout=120) == 0, resumed.stdout.read()
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["this_run"] == {"shards_written": 72 - len(finished), "shards_reused": len(finished), "workers": 1}
+    for name, stat in finished.items():  # never rewritten
+        assert (tmp_path / "out" / name).stat().st_ino == stat.st_ino and \
+               (tmp_path / "out" / name).stat().st_mtime_ns == stat.st_mtime_ns
+    assert read_samples(tmp_path / "out") == read_samples(tmp_path / "once") and summary["count"] == 360
+    assert summary == {**json.loads((tmp_path / "once" / "summary.json").read_text()),
+                       "this_run": summary["this_run"], "seconds": summary["seconds"]}
+    assert not list((tmp_path / "out").glob(".*.tmp"))
