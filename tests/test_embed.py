@@ -208,3 +208,25 @@ def test_skip_log_counts_exactly_and_lists_a_bounded_sample():
     merged.update(skips.to_dict())
     merged.update(skips)
     assert merged.counts["no caption"] == 3000 and len(merged.listed["no caption"]) == 1000
+
+
+def test_text_tower_fingerprint_recorded_and_other_weights_refused(tmp_path):
+    from react_vl.models import save_model, text_tower_fingerprint
+
+    torch.manual_seed(0)
+    model = load_model(MODEL, None)[0]
+    ckpt = save_model(tmp_path / "model.pt", model, MODEL)
+    before = text_tower_fingerprint(model)
+    with torch.no_grad():
+        model.visual.conv1.weight.add_(1)
+    assert text_tower_fingerprint(model) == before  # the image tower is not part of it
+    make_shards(tmp_path / "c", 2, 3)
+    embed_corpus(str(tmp_path / "c" / "kb-000000.tar"), MODEL, str(ckpt), tmp_path / "kb", workers=0, progress=False)
+    assert KnowledgeBase(tmp_path / "kb").info["text_tower_sha256"] == before
+
+    with torch.no_grad():
+        model.token_embedding.weight.mul_(2)
+    save_model(ckpt, model, MODEL)  # the same file name, other text weights
+    assert text_tower_fingerprint(model) != before
+    with pytest.raises(ValueError, match=r"part 0 was made with .*'text_tower_sha256': '" + before):
+        embed_corpus(str(tmp_path / "c"), MODEL, str(ckpt), tmp_path / "kb", workers=0, progress=False)
