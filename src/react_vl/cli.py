@@ -105,8 +105,8 @@ def embed(corpus, model_name, pretrained, out, batch_size, workers, dtype, devic
                            dtype=dtype, device=device, precision=precision,
                            columns=ParquetColumns(caption_column, image_column, key_column))
     if summary:
-        click.echo(f"{summary['count']} pairs in {out} ({summary['skipped_total']} skipped; "
-                   f"see {out}/embed_summary.json)")
+        click.echo(f"{summary['count']} pairs in {out} ({summary['skipped_total']} skipped, "
+                   f"{summary['decode_warnings_total']} decode warnings; see {out}/embed_summary.json)")
 
 
 # --- index -------------------------------------------------------------------------------------
