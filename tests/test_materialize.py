@@ -192,3 +192,16 @@ def test_resume_after_sigkill_keeps_finished_shards(tmp_path):
     assert summary == {**json.loads((tmp_path / "once" / "summary.json").read_text()),
                        "this_run": summary["this_run"], "seconds": summary["seconds"]}
     assert not list((tmp_path / "out").glob(".*.tmp"))
+
+
+def test_truncated_source_shard_is_counted_once_and_its_head_kept(tmp_path):
+    rows = corpus_retrieved(tmp_path / "corpus", shards=2, per_shard=20)
+    shard = Path(rows[-1]["shard"])
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "retrieved.parquet")
+    summary = materialize(tmp_path / "retrieved.parquet", tmp_path / "out", maxcount=8, progress=False)
+    lost = summary["missing"]["counts"]["not found in its shard"]
+    assert summary["corrupt_shards"]["counts"] == {"corrupt shard": 1}
+    assert summary["corrupt_shards"]["listed"]["corrupt shard"][0].startswith(str(shard))
+    assert 0 < lost < 20 and summary["count"] == 40 - lost == len(read_samples(tmp_path / "out"))

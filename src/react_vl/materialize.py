@@ -140,19 +140,17 @@ def _plan_fingerprint(local: pa.Table, maxcount: int, text: bool) -> str:
     return digest.hexdigest()
 
 
-def _prepare_state(out: Path, fingerprint: str) -> Path:
-    """The state folder for this plan: kept for the same plan (a resume), emptied for another,
-    together with the output shards of the old plan."""
-    state = out / STATE_DIR
-    plan = state / "plan.json"
+def _prepare_state(out: Path, fingerprint: str) -> None:
+    """Keep the state folder of this plan (a resume); for another plan, empty it and remove the
+    old plan's output shards. Temporary files of a killed run go either way."""
+    plan = out / STATE_DIR / "plan.json"
     if not plan.is_file() or read_json(plan).get("fingerprint") != fingerprint:
-        shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(out / STATE_DIR, ignore_errors=True)
         for stale in out.glob("shard-*.tar"):
             stale.unlink()
         write_json({"fingerprint": fingerprint}, plan)
-    for stale in out.glob(".shard-*.tar.*.tmp"):  # temporary files of a killed run
+    for stale in out.glob(".shard-*.tar.*.tmp"):
         stale.unlink()
-    return state
 
 
 def shard_name(n: int) -> str:
@@ -285,7 +283,7 @@ def materialize(retrieved: str | Path, out: str | Path, kb: str | Path | None = 
     local, url_rows, nowhere = _split(table)
     text = knowledge is not None and knowledge.has_text
     units = plan_units(local, maxcount)
-    state = _prepare_state(out, _plan_fingerprint(local, maxcount, text))
+    _prepare_state(out, _plan_fingerprint(local, maxcount, text))
     planned = sum(unit.shards for unit in units)
     reused = sum(_record_path(out, n).is_file() for n in range(planned))
     todo = [u for u in units if not all(_record_path(out, n).is_file() for n in range(u.first, u.first + u.shards))]
@@ -305,13 +303,15 @@ def materialize(retrieved: str | Path, out: str | Path, kb: str | Path | None = 
     for row in nowhere.select(["id", "shard"]).to_pylist():
         missing.add("no local shard and no url", f"{row['id']} ({row['shard']})")
     written_classes = sum((Counter(r["classes"]) for r in records), Counter())
-    corrupt = sorted({item for r in records for item in r["corrupt_shards"]})
+    corrupt = SkipLog()  # listed in each output shard of its unit that was open then: counted once
+    for item in sorted({item for r in records for item in r["corrupt_shards"]}):
+        corrupt.add("corrupt shard", item)
     summary = {
         "count": sum(r["count"] for r in records),
         "shards": [shard_name(n) for n, r in enumerate(records) if r["count"]], "retrieved": table.num_rows,
         "class_balance": _class_balance(table, written_classes),
         "missing": {"total": missing.total(), **missing.to_dict()},
-        "corrupt_shards": {"total": len(corrupt), "listed": corrupt[:MAX_LISTED_SKIPS]},
+        "corrupt_shards": corrupt.to_dict(),
         "text_embeddings": _text_embeddings_info(knowledge) if text else None,
         "url_pairs": _write_url_list(url_rows, out, run_img2dataset, maxcount, download or DownloadOptions())
         if url_rows.num_rows else None,
