@@ -141,14 +141,11 @@ def _task_of(retrieved_dir: Path):
 
 
 def class_names(retrieved_dir: str | Path) -> list[str]:
-    """The task's class names (R/summary.json), else those the retrieved file names, in order met."""
+    """The task's class names (R/summary.json), then any other the retrieved file names, in order met."""
     task = _task_of(Path(retrieved_dir))
-    if task is not None:
-        return list(task.classnames)
-    seen = {}
+    seen = dict.fromkeys(task.classnames if task is not None else [])
     for batch in _batches(retrieved_file(retrieved_dir), ["classes"]):
-        for name in pc.unique(pc.list_flatten(batch.column("classes"))).to_pylist():
-            seen.setdefault(name, None)
+        seen.update(dict.fromkeys(pc.unique(pc.list_flatten(batch.column("classes"))).to_pylist()))
     return list(seen)
 
 

@@ -193,7 +193,12 @@ class Backend:
         if not self.indexes:
             raise FileNotFoundError(f"{self.kb.path} has no image.index or text.index: run `react-vl index "
                                     f"{self.kb.path}` first")
-        self.metadata = MetadataStore(self.kb, Path(cache_dir) if cache_dir else self.kb.path / CACHE_DIR)
+        cache = Path(cache_dir) if cache_dir else self.kb.path / CACHE_DIR
+        try:
+            self.metadata = MetadataStore(self.kb, cache)
+        except PermissionError as err:
+            raise PermissionError(f"cannot write the metadata copies to {cache} ({err}); give a writable folder "
+                                  f"with --cache-dir") from err
         self._model_lock = threading.Lock()  # one forward pass at a time: torch already uses every core
 
     def encode_text(self, text: str) -> np.ndarray:
@@ -406,7 +411,11 @@ class RetrievedSets:
         folder = self.folder(name)
         with self._lock:
             if name not in self._cards:
-                self._cards[name] = report_cards(self.backend.kb, folder)
+                try:
+                    self._cards[name] = report_cards(self.backend.kb, folder)
+                except KeyError as err:  # an id of the set is not in this KB
+                    raise BadRequest(f"retrieved set {name} holds pairs that are not in {self.backend.name} ({err}): "
+                                     f"serve it with the KB it was retrieved from", 409) from err
             return self._cards[name]
 
 
