@@ -262,7 +262,8 @@ def read_chunks(parts: Path, count: int) -> dict:
 # --- filters on the kept pairs -------------------------------------------------------------------
 def dedup_index(kb: KnowledgeBase, rows: np.ndarray, gpu: bool) -> faiss.Index:
     """An empty index for the kept image embeddings: exact for small sets, else IVF (fp16 codes) over
-    cells centred on a sample of the kept pairs (no k-means: any partition finds pairs this close)."""
+    cells centred on a sample of the kept pairs (no k-means: pairs this close mostly share a cell,
+    and DEDUP_NPROBE cells are searched; this finds most, not all, near-duplicates)."""
     if len(rows) <= EXACT_DEDUP_MAX:
         index = faiss.IndexFlatIP(kb.dim)
     else:
@@ -298,7 +299,9 @@ def near_duplicates(kb: KnowledgeBase, rows: np.ndarray, threshold: float) -> np
     gpu = faiss.get_num_gpus() > 0
     index = dedup_index(kb, rows, gpu)
     removed = np.zeros(len(rows), dtype=bool)
-    for lo, emb in batched_rows(kb, "image", rows):
+    batches = tqdm(batched_rows(kb, "image", rows), total=math.ceil(len(rows) / BATCH), unit="batch",
+                   desc=f"near-duplicates among {len(rows):,} kept pairs", disable=len(rows) <= EXACT_DEDUP_MAX)
+    for lo, emb in batches:
         index.add(emb)
         lims, ids = neighbours(index, emb, threshold, gpu)
         owner = lo + np.repeat(np.arange(len(emb)), np.diff(lims))
