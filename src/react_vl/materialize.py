@@ -133,10 +133,11 @@ def plan_units(local: pa.Table, maxcount: int) -> list[Unit]:
     return units
 
 
-def _plan_fingerprint(local: pa.Table, maxcount: int, text: bool) -> str:
-    digest = hashlib.sha256(f"{maxcount} {text}".encode())
+def _plan_fingerprint(local: pa.Table, units: list[Unit], maxcount: int, text: bool) -> str:
+    """Changes with the pairs, their source shards, the cut into output shards or the members written."""
+    digest = hashlib.sha256(json.dumps([maxcount, text, [asdict(unit) for unit in units],
+                                        pc.unique(local["shard"]).to_pylist()]).encode())
     digest.update(np.ascontiguousarray(local["id"].to_numpy(), dtype=np.int64).tobytes())
-    digest.update("\n".join(local["shard"].to_pylist()).encode())
     return digest.hexdigest()
 
 
@@ -283,7 +284,7 @@ def materialize(retrieved: str | Path, out: str | Path, kb: str | Path | None = 
     local, url_rows, nowhere = _split(table)
     text = knowledge is not None and knowledge.has_text
     units = plan_units(local, maxcount)
-    _prepare_state(out, _plan_fingerprint(local, maxcount, text))
+    _prepare_state(out, _plan_fingerprint(local, units, maxcount, text))
     planned = sum(unit.shards for unit in units)
     reused = sum(_record_path(out, n).is_file() for n in range(planned))
     todo = [u for u in units if not all(_record_path(out, n).is_file() for n in range(u.first, u.first + u.shards))]
