@@ -283,6 +283,25 @@ def test_curation_through_the_server(server, world_kb, tmp_path):
     assert _post(f"{server}/api/retrieved/nope/curation", {"decision": "reject", "ids": [1]}, as_json)[0] == 404
 
 
+def test_lineage_names_the_sets_holding_a_pair(server, world_kb, tmp_path):
+    _, retrieved = world_kb
+    row = pq.read_table(retrieved / "retrieved.parquet").slice(0, 1).to_pylist()[0]
+    status, body, _ = _get(f"{server}/api/lineage/{row['id']}")
+    answer = json.loads(body)
+    assert status == 200 and [s["set"] for s in answer["sets"]] == ["r"]
+    assert answer["sets"][0]["classes"] == row["classes"] and len(answer["sets"][0]["retrieved_sha256"]) == 64
+    assert json.loads(_get(f"{server}/api/lineage/{99 << 32}")[1])["sets"] == []
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(retrieved / "retrieved.parquet", copy / "retrieved.parquet")
+    before = curation.fingerprint(copy)
+    curation.record_decisions(copy, [row["id"]], "reject", who="t")
+    after = curation.fingerprint(copy)
+    assert before["curation_sha256"] is None and after["curation_sha256"] and \
+        before["retrieved_sha256"] == after["retrieved_sha256"]
+    assert curation.sets_holding([row["id"], 99 << 32], {"copy": copy})["copy"][0]["decision"] == "reject"
+
+
 def test_class_view_ranks_each_mode_and_shows_the_noise(world_kb):
     _, retrieved = world_kb
     rows = [r for r in pq.read_table(retrieved / "retrieved.parquet").to_pylist() if "circle" in r["classes"]]

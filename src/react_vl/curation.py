@@ -9,6 +9,10 @@ R/curation.json holds the latest decision per pair id (`reject` or `accept`, wit
 when) and a log of every action. `react-vl serve KB --retrieved R` shows the views and cards
 and writes the decisions; `materialize` drops the rejected pairs.
 
+For lineage, `fingerprint(R)` is what a customized checkpoint records of the set and its
+curation (the sha256 of both files), and `sets_holding(ids, sets)` lists, for a takedown list of
+pair ids, which retrieved sets hold them.
+
 A report card summarises one class of R/retrieved.parquet: how many pairs, how many both
 modes found (t2t and t2i), a histogram of each mode's scores, how close the class's prompt
 embedding is to another class's (above COLLAPSE_COSINE the queries barely tell the two apart),
@@ -20,6 +24,7 @@ memory is bounded by the classes, not by the pairs.
 
 import fcntl
 import getpass
+import hashlib
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -97,6 +102,40 @@ def record_decisions(retrieved_dir: str | Path, ids, decision: str, who: str | N
 def rejected_ids(retrieved_dir: str | Path) -> set[int]:
     """The ids whose latest decision in R/curation.json is `reject` (empty when there is no file)."""
     return {int(pair) for pair, d in load_curation(retrieved_dir)["decisions"].items() if d["decision"] == "reject"}
+
+
+# --- lineage --------------------------------------------------------------------------------------
+def fingerprint(retrieved_dir: str | Path) -> dict:
+    """sha256 of R/retrieved.parquet and of R/curation.json (None when there is none): what a
+    customized checkpoint records so that the pairs it was trained on can be traced."""
+    def sha256(path: Path) -> str | None:
+        if not path.is_file():
+            return None
+        digest = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(2**20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+
+    return {"retrieved_sha256": sha256(retrieved_file(retrieved_dir)),
+            "curation_sha256": sha256(Path(retrieved_dir) / CURATION_FILE)}
+
+
+def sets_holding(ids, retrieved_dirs: dict[str, Path]) -> dict[str, list[dict]]:
+    """For a takedown list: {set name: [{id, classes, queries, decision}]} of the given pair ids
+    that each retrieved set holds (sets holding none are left out)."""
+    wanted = pa.array(sorted({int(i) for i in ids}), pa.int64())
+    found = {}
+    for name, folder in retrieved_dirs.items():
+        decisions = load_curation(folder)["decisions"]
+        rows = []
+        for batch in _batches(retrieved_file(folder), ["id", "classes", "queries"]):
+            rows += batch.filter(pc.is_in(batch.column("id"), value_set=wanted)).to_pylist()
+        for row in rows:
+            row["decision"] = decisions.get(str(row["id"]), {}).get("decision")
+        if rows:
+            found[name] = rows
+    return found
 
 
 # --- reading the retrieved set -------------------------------------------------------------------

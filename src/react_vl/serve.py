@@ -557,6 +557,14 @@ def _add_api_routes(app, backend: Backend, sets: RetrievedSets, allow_image_urls
         return {"id": pair_id, "embedding": backend.embedding(pair_id, "img_emb" if kind == "image" else "text_emb")[0]
                 .tolist()}
 
+    @app.get("/api/lineage/{pair_id}")
+    def lineage(pair_id: int):
+        from .curation import fingerprint, sets_holding
+
+        held = sets_holding([pair_id], sets.folders)
+        return {"id": pair_id, "sets": [{"set": name, **rows[0], **fingerprint(sets.folders[name])}
+                                        for name, rows in held.items()]}
+
     @app.get("/api/retrieved/{name}/cards")
     def cards(name: str):
         return sets.cards(name)
