@@ -4,6 +4,7 @@ curation, report cards, a bounded load test, and the page in headless Chromium."
 
 import base64
 import http.client
+import io
 import json
 import shutil
 import socket
@@ -200,6 +201,15 @@ def test_bad_queries_get_a_clear_4xx_and_the_server_goes_on(server, body, status
     got, answer = _post(f"{server}/knn-service", body)
     assert got == status and message in answer["detail"], answer
     assert _get(f"{server}/indices-list")[0] == 200
+
+
+def test_a_huge_image_in_a_small_file_is_refused_before_decoding(server):
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (6000, 6000)).save(buffer, format="PNG")  # 36M pixels in ~40 KB
+    status, answer = _post(f"{server}/knn-service", {"image": base64.b64encode(buffer.getvalue()).decode()})
+    assert status == 413 and "pixels" in answer["detail"] and len(buffer.getvalue()) < 200_000
 
 
 def test_oversized_and_bulk_requests_are_refused(server):

@@ -28,6 +28,7 @@ to R/curation.json (curation.record_decisions), which materialize honours.
 """
 
 import base64
+import io
 import sys
 import tarfile
 import threading
@@ -40,15 +41,17 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 
 from .data import IMAGE_EXTS, SkipLog, decode_image, open_shard, read_shard
 from .kb import PART_BITS, KnowledgeBase, make_ids
+from .retrieve import DEDUP_THRESHOLD  # clip-back's near-duplicate cosine, here over the results' images
 
 MAX_NUM_IMAGES = 1_000       # results with metadata (and image bytes) per query
 MAX_RESULT_IDS = 10_000      # ids searched per query
 MAX_METADATA_IDS = 1_000     # ids per /metadata request
 MAX_BODY_BYTES = 16 * 2**20  # request bodies (a base64 image query included) and downloaded images
-DEDUP_THRESHOLD = 0.94       # clip-back's near-duplicate cosine, over the results' image embeddings
+MAX_QUERY_PIXELS = 25_000_000  # a query image's width x height, read from its header before decoding
 URL_TIMEOUT_S = 10
 CACHE_DIR = "serve-cache"
 RESULT_COLUMNS = ("caption", "url", "key")  # metadata columns a kNN result carries
@@ -211,7 +214,14 @@ class Backend:
         import torch
 
         try:
+            with Image.open(io.BytesIO(data)) as header:
+                pixels = header.width * header.height
+            if pixels > MAX_QUERY_PIXELS:  # a small file can hold a huge image: refused before decoding
+                raise BadRequest(f"the query image has {pixels:,} pixels, over {MAX_QUERY_PIXELS:,}; send it "
+                                 f"downscaled (it is resized to the model's input anyway)", 413)
             image = decode_image(data)
+        except BadRequest:
+            raise
         except Exception as err:  # noqa: BLE001 - any undecodable upload is the client's error
             raise BadRequest(f"the query image does not decode ({type(err).__name__}: {err}); send PNG, JPEG or "
                              f"WebP bytes, base64-encoded") from err
