@@ -1,12 +1,24 @@
-"""Index stage on small real KBs: factory choice, tuned recall, explicit ids, mismatch detection."""
+"""Index stage on small real KBs: factory choice, tuned recall, explicit ids, builds in blocks
+merged on disk (and their resume after SIGKILL), mismatch detection."""
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from react_vl.index import build_index, choose_factory, load_index
+from react_vl.index import (
+    build_index,
+    choose_factory,
+    factory_table,
+    load_index,
+    stores_on_disk,
+)
 from react_vl.kb import KnowledgeBase, make_ids, write_info, write_part
 
 
@@ -48,6 +60,24 @@ def test_factory_follows_size_and_budget():
     assert choose_factory(1_000_000, 512, "100MB").endswith("PQ64x8")   # fewer code bytes when tight
     with pytest.raises(ValueError, match="too small"):
         choose_factory(1_000_000, 512, "1MB")
+
+
+@pytest.mark.parametrize("budget, factory, on_disk", [
+    ("4GB", "OPQ64_512,IVF65536_HNSW32,PQ64x8", True),     # raised ValueError before on-disk lists
+    ("16GB", "OPQ64_512,IVF65536_HNSW32,PQ64x8", True),    # 400M x 72 B of codes and ids: 26.8 GiB
+    ("32GB", "OPQ64_512,IVF65536_HNSW32,PQ64x8", False),
+    ("64GB", "OPQ128_512,IVF65536_HNSW32,PQ128x8", False),  # PQ256 would need 98 GiB
+])
+def test_factory_at_400m_vectors(budget, factory, on_disk):
+    assert choose_factory(400_000_000, 512, budget) == factory
+    assert stores_on_disk(factory, 400_000_000, 512, budget) == on_disk
+
+
+def test_factory_table_at_400m():
+    table = factory_table(400_000_000, 512, ["16GB", "32GB", "64GB"])
+    assert table[0].startswith("| budget | factory | inverted lists | RAM GiB | disk GiB")
+    assert "| 16GB | `OPQ64_512,IVF65536_HNSW32,PQ64x8` | disk (mmap) | 0.1 | 26.8 | 8.0 |" in table
+    assert "| 64GB | `OPQ128_512,IVF65536_HNSW32,PQ128x8` | RAM | 50.8 | 0.0 | 8.0 |" in table
 
 
 @pytest.mark.parametrize("budget, expected", [("8MB", "HNSW32"), ("2MB", "IVF512,Flat")])
@@ -100,3 +130,63 @@ def test_mismatched_index_is_refused(tmp_path, vectors):
         _copy_index(kb.path, other.path)
         with pytest.raises(ValueError, match=message):
             load_index(other, "image")
+
+
+def _search(index, queries, k=10):
+    return index.search(queries, k)
+
+
+@pytest.mark.parametrize("factory", [None, "IVF64_HNSW32,Flat"])
+def test_blocks_merged_on_disk_equal_the_single_build(tmp_path, vectors, factory):
+    """Same trained quantizer, same lists: the merged on-disk index searches exactly as the one built in RAM."""
+    img, text = vectors
+    single = make_kb(tmp_path / "single", img, text, parts=[0, 1, 2])
+    blocks = make_kb(tmp_path / "blocks", img, text, parts=[0, 1, 2])
+    args = {"memory_budget": "2MB", "target_recall": 0.9, "n_queries": 200, "factory": factory}
+    one = build_index(single, "image", **args, shards=1)
+    four = build_index(blocks, "image", **args, shards=4, processes=2)
+    assert "IVF" in four["factory"] and four["factory"] == one["factory"]
+    assert (one["on_disk"], four["on_disk"], four["blocks"]) == (False, True, 4)
+    assert (blocks.path / "image.ivfdata").exists() and not (blocks.path / "image.blocks").exists()
+    assert four["params"] == one["params"] and four["recall_at_10"] == one["recall_at_10"]
+
+    queries = clustered(200, 32, np.random.default_rng(1))
+    expected = _search(load_index(single, "image"), queries)
+    found = _search(load_index(blocks, "image"), queries)
+    np.testing.assert_array_equal(found[1], expected[1])
+    np.testing.assert_array_equal(found[0], expected[0])
+    # the lists file is found beside the index after the KB moves
+    moved = KnowledgeBase(shutil.move(blocks.path, tmp_path / "moved"))
+    np.testing.assert_array_equal(_search(load_index(moved, "image"), queries)[1], expected[1])
+    (moved.path / "image.ivfdata").unlink()
+    with pytest.raises(FileNotFoundError, match="image.ivfdata, which is missing"):
+        load_index(moved, "image")
+
+
+@pytest.mark.slow
+def test_killed_block_build_resumes_with_its_finished_blocks(tmp_path):
+    """SIGKILL mid-way through the blocks; the rerun keeps the finished ones and ends as a fresh build."""
+    rng = np.random.default_rng(2)
+    img, text = clustered(160_000, 64, rng), clustered(160_000, 64, rng)
+    kb = make_kb(tmp_path / "kb", img, text, parts=[0, 1])
+    args = {"memory_budget": "4GB", "n_queries": 100, "factory": "IVF256,Flat", "shards": 8, "processes": 1}
+    code = (f"from react_vl.index import build_index; from react_vl.kb import KnowledgeBase; "
+            f"build_index(KnowledgeBase({str(kb.path)!r}), 'image', **{args!r})")
+    work = kb.path / "image.blocks"
+    proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (work / "block_1.index").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    finished = len(list(work.glob("block_[0-9]*.index")))
+    assert 2 <= finished < 8 and not (kb.path / "image.index").exists()
+
+    resumed = build_index(kb, "image", **args)
+    assert resumed["blocks_resumed"] == finished and resumed["on_disk"]
+    fresh = make_kb(tmp_path / "fresh", img, text, parts=[0, 1])
+    build_index(fresh, "image", **args)
+    queries = clustered(100, 64, np.random.default_rng(3))
+    np.testing.assert_array_equal(_search(load_index(kb, "image"), queries)[1],
+                                  _search(load_index(fresh, "image"), queries)[1])
