@@ -174,19 +174,15 @@ def ids_fingerprint(ids: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()
 
 
-def _embeddings(kb: KnowledgeBase, kind: str, part: int) -> np.ndarray:
-    """One part's embeddings of `kind`, memory-mapped."""
-    return kb.part_embeddings(KINDS[kind], part)
-
-
 def _row_chunks(kb: KnowledgeBase, kind: str, lo: int, hi: int, chunk: int = ADD_CHUNK):
     """(first row, float32 vectors) for KB rows lo..hi in chunks, read part by part from memory-mapped files."""
     start = 0
     for part in kb.parts:
-        emb = _embeddings(kb, kind, part)
-        end = start + len(emb)
-        for a in range(max(lo, start), min(hi, end), chunk):
-            yield a, np.asarray(emb[a - start:min(a + chunk, hi, end) - start], dtype=np.float32)
+        end = start + kb.part_rows[part]
+        if end > lo:
+            emb = kb.part_embeddings(KINDS[kind], part)
+            for a in range(max(lo, start), min(hi, end), chunk):
+                yield a, np.asarray(emb[a - start:min(a + chunk, hi, end) - start], dtype=np.float32)
         start = end
         if start >= hi:
             return
@@ -199,7 +195,7 @@ def read_rows(kb: KnowledgeBase, kind: str, rows: np.ndarray) -> np.ndarray:
     out = np.empty((len(rows), kb.dim), dtype=np.float32)
     start = 0
     for part in kb.parts:
-        emb = _embeddings(kb, kind, part)
+        emb = kb.part_embeddings(KINDS[kind], part)
         inside = np.flatnonzero((rows >= start) & (rows < start + len(emb)))
         out[inside] = emb[np.sort(rows[inside] - start)][np.argsort(np.argsort(rows[inside]))]
         start += len(emb)
@@ -308,10 +304,11 @@ def build_index(kb: KnowledgeBase, kind: str, memory_budget: str | int = "4GB", 
     rng = np.random.default_rng(seed)
     kb_ids = kb.ids()
     train_rows = np.sort(rng.choice(count, train_size(factory, count), replace=False))
-    # Tuning queries: captions of held-out pairs (REACT's queries are text). Their pairs are added
-    # only after tuning, so no query finds itself, its own image, or its graph links for free.
+    # Tuning queries: captions of held-out pairs (REACT's queries are text; images where a KB has no
+    # captions). Their pairs are added only after tuning, so no query finds itself, its own image,
+    # or its graph links for free.
     held_out = np.sort(rng.choice(count, min(n_queries, count // 10 or 1), replace=False))
-    queries = read_rows(kb, "text", held_out)
+    queries = read_rows(kb, "text" if kb.has_text else "image", held_out)
     job = {"kb": kb, "kind": kind, "factory": factory, "train_rows": train_rows, "held_out": held_out,
            "kb_ids": kb_ids, "queries": queries, "k": k, "target_recall": target_recall}
     if in_blocks:
@@ -452,8 +449,10 @@ def _merge_blocks(kb_path: Path, kind: str, trained: Path, block_paths: list[Pat
 def build_indexes(kb_path: str | Path, memory_budget: str | int = "4GB", target_recall: float = 0.95,
                   k: int = 10, kinds: tuple[str, ...] = ("image", "text"), n_queries: int = 1000,
                   shards: int | None = None, processes: int = 1) -> dict:
-    """Build KB/image.index and KB/text.index (each gets the whole budget, built one after the other)."""
+    """Build KB/image.index and KB/text.index (each gets the whole budget, built one after the other);
+    a KB without caption embeddings (LAION-5B's image-only folders) gets the image index only."""
     kb = KnowledgeBase(kb_path)
+    kinds = [kind for kind in kinds if kind != "text" or kb.has_text]
     return {kind: build_index(kb, kind, memory_budget, target_recall, k, n_queries, shards=shards,
                               processes=processes) for kind in kinds}
 
