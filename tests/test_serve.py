@@ -226,6 +226,17 @@ def test_oversized_and_bulk_requests_are_refused(server):
     assert _get(f"{server}/indices-list")[0] == 200
 
 
+def test_other_host_names_are_refused_on_localhost(server):
+    """A page whose domain was re-pointed at 127.0.0.1 (DNS rebinding) sends its own Host: refused."""
+    host, port = server.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("GET", "/indices-list", headers={"Host": f"attacker.example:{port}"})
+    assert connection.getresponse().status == 400
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    connection.request("GET", "/indices-list", headers={"Host": f"localhost:{port}"})
+    assert connection.getresponse().status == 200
+
+
 TRAVERSALS = [
     "/static/../kb.json", "/static/..%2fkb.json", "/static/%2e%2e%2fkb.json", "/static/%252e%252e%252fkb.json",
     "/%2e%2e/%2e%2e/etc/passwd", "/../../../../etc/passwd", "//etc/passwd", "/image/..%2f..%2fetc%2fpasswd",

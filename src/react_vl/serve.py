@@ -495,14 +495,22 @@ async def _json_body(request) -> dict:
     return body
 
 
-def create_app(backend: Backend, retrieved: list[str | Path] = (), allow_image_urls: bool = False):
-    """The FastAPI app: clip-retrieval's routes, GET /image/{id}, the page and its /api/ routes."""
+def create_app(backend: Backend, retrieved: list[str | Path] = (), allow_image_urls: bool = False,
+               allowed_hosts: tuple[str, ...] | None = LOCAL_HOSTS):
+    """The FastAPI app: clip-retrieval's routes, GET /image/{id}, the page and its /api/ routes.
+
+    allowed_hosts: the Host headers answered (None: any). Localhost only by default, so a web
+    page whose domain is re-pointed at 127.0.0.1 (DNS rebinding) cannot read or curate.
+    """
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     sets = RetrievedSets(backend, list(retrieved))
     app = FastAPI(title="react-vl serve", docs_url=None, redoc_url=None, openapi_url=None)
+    if allowed_hosts is not None:
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=[*allowed_hosts, "[::1]"])
     page = resources.files("react_vl") / "static"
 
     @app.exception_handler(BadRequest)
@@ -602,5 +610,6 @@ def serve(kb: str | Path, retrieved: list[str | Path] = (), host: str = "127.0.0
         print(f"warning: serving on {host}: anyone who can reach this machine can search {kb}, read its images and "
               f"write curation decisions; there is no authentication (keep the default 127.0.0.1 unless you mean it)",
               file=sys.stderr)
-    app = create_app(Backend(kb, cache_dir), retrieved, allow_image_urls)
+    app = create_app(Backend(kb, cache_dir), retrieved, allow_image_urls,
+                     allowed_hosts=LOCAL_HOSTS if host in LOCAL_HOSTS else None)
     uvicorn.run(app, host=host, port=port, log_level="info")
