@@ -19,12 +19,17 @@ KB's metadata parts (KB/serve-cache/, made once, as clip-back's --use_arrow does
 read from the corpus shards the KB metadata names, by the pair's id, never by a client-given
 path: GET /image/{id}. `url` is the metadata's own url column when the KB has one (LAION), else
 this server's /image/{id}. `image_url` queries download from the network, so they are refused
-unless the server was started with allow_image_urls. use_mclip, safety and aesthetic options
-of clip-retrieval are accepted and ignored (no such models here).
+unless the server was started with allow_image_urls. `deduplicate` drops results whose image is
+within DEDUP_THRESHOLD cosine of a better-ranked one's. use_mclip, safety and aesthetic options
+of clip-retrieval are accepted and ignored (no such models here); `inline_images: false` (not
+clip-retrieval's) leaves the image bytes out. Bad requests get a 4xx with what is wrong:
+malformed JSON, unknown index, counts over the MAX_ limits, undecodable or oversized images,
+bodies over MAX_BODY_BYTES; on localhost only localhost Host headers are answered.
 
 The page (GET /) and its /api/ routes add what REACT needs: with retrieved sets, a per-class
-view of the pairs, report cards (curation.report_cards) and reject/accept decisions written
-to R/curation.json (curation.record_decisions), which materialize honours.
+view of the pairs, report cards (curation.report_cards), reject/accept decisions written to
+R/curation.json (curation.record_decisions), which materialize honours, and a pair's lineage
+(the served sets holding it, GET /api/lineage/{id}).
 """
 
 import base64
