@@ -212,3 +212,26 @@ def test_embed_counts_pil_warnings_instead_of_printing_them(tmp_path, recwarn):
     assert summary["skipped"]["listed"]["undecodable image"][0].endswith("bomb: DecompressionBombError")
     assert not [w for w in recwarn if issubclass(w.category, Image.DecompressionBombWarning)
                 or "Transparency" in str(w.message)]
+
+
+@pytest.mark.skipif(shutil.which("img2dataset") is None, reason="img2dataset not installed (optional: it pins webdataset<0.3)")
+def test_url_pairs_downloaded_by_img2dataset_become_a_training_folder(tmp_path):
+    """The URL path for real, without network: file:// URLs, img2dataset run by materialize."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(12):
+        path = tmp_path / "img" / f"{i}.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (90 + i, 120, 3), dtype=np.uint8)).save(path)
+        rows.append({"id": i, "caption": f"picture {i}", "url": f"file://{path}", "classes": ["x"]})
+    rows.append({"id": 99, "caption": "gone", "url": f"file://{tmp_path}/img/missing.png", "classes": ["x"]})
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "retrieved.parquet")
+    from react_vl.materialize import DownloadOptions
+    summary = materialize(tmp_path / "retrieved.parquet", tmp_path / "SHARDS", maxcount=5, progress=False,
+                          download=DownloadOptions(processes_count=1, thread_count=2, image_size=32))
+    downloaded = summary["url_pairs"]["output_folder"]
+    assert summary["url_pairs"]["img2dataset_returncode"] == 0 and summary["url_pairs"]["downloaded"] == 12
+    pairs = list(iter_corpus(downloaded))
+    assert len(list_shards(downloaded)) == 3 and count_from_stats(downloaded) == len(pairs) == 12
+    assert sorted(json.loads(p.extra["json"])["id"] for p in pairs) == list(range(12))
+    assert min(Image.open(io.BytesIO(p.image)).size[1] for p in pairs) == 32  # keep_ratio: the smaller side
