@@ -283,6 +283,26 @@ def test_loss_decreases_on_mini_world_and_outputs_load_back(tiny_world, tiny_tra
         assert loaded.visual.transformer.resblocks[1].gated_attn_block.alpha_attn != 0
 
 
+def test_customize_command_takes_its_defaults_from_train_config_and_trains(shards, tmp_path):
+    from dataclasses import fields
+
+    from click.testing import CliRunner
+
+    import react_vl.cli as cli
+
+    options = {p.name: p.default for p in cli.customize.params}
+    for config_field in fields(TrainConfig):
+        if config_field.name not in ("shards", "out", "gated_layers"):
+            assert options[config_field.name] == config_field.default, config_field.name
+    result = CliRunner().invoke(cli.main, ["customize", str(shards), "--model", "mini-vit-test", "--out",
+                                           str(tmp_path / "run"), "--strategy", "locked-text", "--steps", "2",
+                                           "--batch-size", "16", "--workers", "0", "--grad-checkpointing",
+                                           "--gated-layers", "1"])
+    assert result.exit_code == 0, result.output
+    args = json.loads((tmp_path / "run" / "summary.json").read_text())["args"]
+    assert (args["strategy"], args["grad_checkpointing"], args["steps"], args["workers"]) == ("locked-text", True, 2, 0)
+
+
 # --- caption embeddings from the shards --------------------------------------------------------
 @pytest.fixture(scope="module")
 def embedded_shards(tmp_path_factory):

@@ -323,8 +323,8 @@ def _announce(run: _Run, workers: int):
           f"{counts['total']:,} parameters ({100 * counts['trainable'] / counts['total']:.1f}%); "
           f"{main.shard_set.count if main.shard_set.count is not None else '?'} samples in "
           f"{len(main.shard_set.shards)} shard(s), {run.total_steps} steps, global batch {config.batch_size}{mixed}, "
-          f"lr {run.lr:g}, autocast {run.amp_dtype or 'off'}, {run.env.world_size} process(es) x {workers} "
-          f"loader worker(s) on {run.env.device}{cached}", flush=True)
+          f"lr {run.lr:g}, autocast {run.amp_dtype or 'off'}, {run.env.world_size} process(es) x "
+          f"{workers or 'no'} loader worker(s) on {run.env.device}{cached}", flush=True)
     Path(config.out).mkdir(parents=True, exist_ok=True)
     _restart_log(Path(config.out) / "log.jsonl", run.start if run.start else -1)
 

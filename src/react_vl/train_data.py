@@ -35,11 +35,12 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 import webdataset as wds
+from PIL.Image import DecompressionBombError
 from tqdm import tqdm
 from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .data import IMAGE_EXTS, SkipLog, count_from_stats, decode_image, list_shards
+from .data import IMAGE_EXTS, TAR_EXTS, SkipLog, count_from_stats, decode_image, list_shards
 from .loss import caption_ids
 from .utils import read_json
 
@@ -89,7 +90,7 @@ def open_shard_set(spec, env, train_num_samples: int | None = None, need_count: 
     """
     spec = str(spec)
     shards = list_shards(spec)
-    not_tar = [s for s in shards if not s.startswith("pipe:") and not s.split("?")[0].endswith((".tar", ".tar.gz", ".tgz"))]
+    not_tar = [s for s in shards if not s.startswith("pipe:") and not s.split("?")[0].endswith(TAR_EXTS)]
     if not_tar:
         raise ValueError(f"{spec}: customize reads webdataset .tar shards; {not_tar[:3]} are not (materialize a "
                          f"retrieved set, or convert the corpus with img2dataset --output_format webdataset)")
@@ -115,8 +116,9 @@ def open_url(url: str):
 
 def _raw_samples(shards: list[str], skips: SkipLog):
     """Complete raw samples (image and txt, undecoded) of `shards` in order; bad ones counted."""
-    def handler(err: Exception) -> bool:
-        skips.add("unreadable shard", f"{err.args[-1] if err.args else '?'}: {type(err).__name__}: {err.args[0] if err.args else ''}")
+    def handler(err: Exception) -> bool:  # webdataset appends the stream and the URL to err.args
+        url, message = (err.args[-1], err.args[0]) if len(err.args) > 1 else ("?", err)
+        skips.add("unreadable shard", f"{url}: {type(err).__name__}: {message}")
         return True
 
     for url in shards:
@@ -185,6 +187,10 @@ class Source:
     per_batch: int  # global samples per micro-batch from this source
     use_text_embeddings: bool = False  # take each sample's KEY.text_emb.npy as its text features
 
+    @property
+    def embedding_dim(self) -> int | None:
+        return self.shard_set.text_embeddings["dim"] if self.use_text_embeddings else None
+
 
 def check_streams(sources: list[Source], streams: int, workers_per_rank: int):
     """Every shard set needs a shard and every micro-batch a sample per logical stream."""
@@ -201,20 +207,26 @@ def check_streams(sources: list[Source], streams: int, workers_per_rank: int):
                              f"--mix-ratio) that makes it a multiple of {streams}")
 
 
-def _decode(sample: dict, transform, use_embedding: bool, skips: SkipLog):
-    """(image tensor, caption, embedding or None) of a raw sample, or None when it is skipped."""
+def _decode(sample: dict, transform, embedding_dim: int | None, skips: SkipLog):
+    """(image tensor, caption, embedding or None) of a raw sample, or None when it is skipped.
+
+    `embedding_dim`: the sample's KEY.text_emb.npy is its text features, of that size.
+    """
     where = f"{sample.get('__url__')}:{sample.get('__key__')}"
-    embedding = None
-    if use_embedding:
-        if TEXT_EMB not in sample:
-            skips.add("no caption embedding", where)
-            return None
-        embedding = torch.from_numpy(np.load(io.BytesIO(sample[TEXT_EMB])).astype(np.float32))
+    if embedding_dim and TEXT_EMB not in sample:
+        skips.add("no caption embedding", where)
+        return None
     try:
+        embedding = None
+        if embedding_dim:
+            embedding = torch.from_numpy(np.load(io.BytesIO(sample[TEXT_EMB])).astype(np.float32))
+            if embedding.shape != (embedding_dim,):
+                skips.add(f"caption embedding of shape {tuple(embedding.shape)}, not ({embedding_dim},)", where)
+                return None
         ext = next(e for e in IMAGE_EXTS if e in sample)
         image = transform(decode_image(sample[ext], skips, where))
         caption = sample["txt"].decode("utf-8").strip()
-    except (OSError, ValueError) as err:  # truncated image, bad encoding
+    except (OSError, ValueError, EOFError, DecompressionBombError) as err:  # truncated image, bad encoding
         skips.add(f"undecodable: {type(err).__name__}", where)
         return None
     return image, caption, embedding
@@ -243,7 +255,7 @@ class StreamChunks(torch.utils.data.IterableDataset):
             for k, (source, raw) in enumerate(zip(self.sources, raws)):
                 for epoch, taken, sample in itertools.islice(raw, source.per_batch // streams):
                     cursors[k] = (epoch, taken)
-                    row = _decode(sample, self.transform, source.use_text_embeddings, skips)
+                    row = _decode(sample, self.transform, source.embedding_dim, skips)
                     if row is not None:
                         rows.append(row)
                         keys.append(sample["__key__"])
@@ -253,7 +265,7 @@ class StreamChunks(torch.utils.data.IterableDataset):
 
     def _chunk(self, stream, micro, rows, keys, cursors, skips) -> dict:
         images, captions, embeddings = zip(*rows) if rows else ((), (), ())
-        dim = max((s.shard_set.text_embeddings["dim"] for s in self.sources if s.use_text_embeddings), default=0)
+        dim = max((s.embedding_dim or 0 for s in self.sources), default=0)
         return {"stream": stream, "micro": micro, "keys": keys, "cursors": cursors,
                 "skipped": {"counts": dict(skips.counts), "listed": {k: list(v) for k, v in skips.listed.items()}},
                 "images": torch.stack(images) if rows else torch.empty(0),
@@ -281,8 +293,8 @@ class RankBatches:
                  world_size: int = 1, workers: int = 1, cursors: list[dict] | None = None, buffer: int = 1000):
         self.streams_here = max(1, workers)
         self.cursors = [dict(c) for c in cursors] if cursors else [{} for _ in sources]
-        dataset = StreamChunks(sources, transform, tokenizer, seed, start, self.cursors, rank, world_size,
-                               self.streams_here, buffer)
+        dataset = StreamChunks(sources, transform, tokenizer, seed, start, [dict(c) for c in self.cursors], rank,
+                               world_size, self.streams_here, buffer)
         self.loader = iter(torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers,
                                                        persistent_workers=False))
 
