@@ -150,6 +150,20 @@ def test_img2dataset_folder_is_its_tars_and_counted_by_its_stats(tmp_path):
         count_from_stats(shards[:2])
 
 
+def test_img2dataset_files_layout_is_its_image_folders(tmp_path):
+    """img2dataset --output_format files: NNNNN/ image folders beside NNNNN.parquet and NNNNN_stats.json."""
+    rng = np.random.default_rng(0)
+    for s in range(2):
+        (tmp_path / f"{s:05d}").mkdir()
+        for i in range(3):
+            (tmp_path / f"{s:05d}" / f"{s:05d}{i:04d}.png").write_bytes(png_bytes(rng))
+            (tmp_path / f"{s:05d}" / f"{s:05d}{i:04d}.txt").write_text(f"pair {s} {i}")
+        pq.write_table(pa.table({"url": ["u"] * 3, "caption": ["c"] * 3}), tmp_path / f"{s:05d}.parquet")
+        (tmp_path / f"{s:05d}_stats.json").write_text(json.dumps({"successes": 3}))
+    assert list_shards(str(tmp_path)) == [str((tmp_path / f"{s:05d}").resolve()) for s in range(2)]
+    assert count_from_stats(str(tmp_path)) == 6 == len(list(iter_corpus(str(tmp_path))))
+
+
 def test_url_only_parquet_points_to_img2dataset(tmp_path):
     pq.write_table(pa.table({"url": ["https://x/1.jpg"], "caption": ["a cat"]}), tmp_path / "urls.parquet")
     with pytest.raises(CorpusFormatError, match="holds URLs, not images.*img2dataset --url_list"):

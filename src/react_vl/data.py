@@ -9,8 +9,9 @@ Three layouts are read, one shard at a time (a shard is the unit of resume and s
 - parquet files with a caption column and image bytes or image paths (column names configurable);
 - a folder of images with sidecar KEY.txt captions (img2dataset's folder output): each
   sub-folder holding images is a shard.
-A folder img2dataset wrote (NNNNN.tar + NNNNN.parquet + NNNNN_stats.json) is read as its tars
-only; `count_from_stats` sums its `_stats.json` successes, so its size is known without reading it.
+A folder with tars is read as its tars only, so the NNNNN.parquet and NNNNN_stats.json sidecars
+of img2dataset's output are not taken for shards (nor, in its `files` layout, the parquet files
+beside the image folders); `count_from_stats` sums its stats' successes without reading a shard.
 Pairs without an image or caption, and shards that are corrupt or truncated, are recorded in a
 `SkipLog` with the reason and never stop the reading; images are decoded later (`decode_image`),
 by the consumer, in its own worker processes, with PIL's warnings counted, never printed.
