@@ -190,3 +190,22 @@ def test_killed_block_build_resumes_with_its_finished_blocks(tmp_path):
     queries = clustered(100, 64, np.random.default_rng(3))
     np.testing.assert_array_equal(_search(load_index(kb, "image"), queries)[1],
                                   _search(load_index(fresh, "image"), queries)[1])
+
+
+def test_index_cli_records_the_model_and_builds_in_blocks(tmp_path, vectors):
+    """A folder without kb.json: --model records who embedded it; --shards/--processes build in blocks."""
+    from click.testing import CliRunner
+
+    from react_vl import cli, models  # noqa: F401  (models registers the package's mini model configs)
+
+    img, text = vectors
+    kb = make_kb(tmp_path / "kb", img, text, parts=[0, 1])
+    (kb.path / "kb.json").unlink()
+    result = CliRunner().invoke(cli.main, ["index", str(kb.path), "--model", "mini-vit-test", "--kind", "image",
+                                           "--memory-budget", "2MB", "--shards", "3", "--processes", "2",
+                                           "--queries", "100"])
+    assert result.exit_code == 0, result.output
+    assert "image.index: IVF512,Flat" in result.output and "lists on disk in 3 block(s)" in result.output
+    kb = KnowledgeBase(kb.path)
+    assert kb.info["model"] == "mini-vit-test" and kb.info["pretrained"] is None
+    assert load_index(kb, "image").ntotal == len(img)

@@ -112,27 +112,47 @@ def embed(corpus, model_name, pretrained, out, batch_size, workers, dtype, devic
 # --- index -------------------------------------------------------------------------------------
 @main.command()
 @click.argument("kb", type=click.Path(exists=True, file_okay=False))
-@click.option("--memory-budget", default="4GB", help="RAM one index may use (e.g. 4GB, 512MB); picks the index type.")
+@click.option("--memory-budget", default="4GB",
+              help="RAM one index may keep while searching (e.g. 4GB, 512MB); picks the index type. Inverted "
+                   "lists put on disk do not count.")
 @click.option("--target-recall", default=0.95, help="Recall@k against exact search that the search parameters are tuned for.")
 @click.option("--k", default=10, help="The k of the recall@k target.")
 @click.option("--queries", "n_queries", default=1000, help="Held-out caption queries used to measure recall and latency.")
 @click.option("--kind", "kinds", type=click.Choice(["image", "text"]), multiple=True, default=("image", "text"),
               help="Which index to build (repeatable).")
-def index(kb, memory_budget, target_recall, k, n_queries, kinds):
+@click.option("--shards", type=click.IntRange(min=1), default=None,
+              help="IVF indexes: blocks the vectors are added in, then merged into one on-disk index "
+                   "(default: one when the index fits the budget, else enough to fit it).")
+@click.option("--processes", type=click.IntRange(min=1), default=1, help="Blocks filled at a time, one process each.")
+@click.option("--model", "model_name", default=None,
+              help="For a folder without kb.json (clip-retrieval, LAION): the open_clip model that made its "
+                   "embeddings, recorded in kb.json so queries use it.")
+@click.option("--pretrained", default=None, help="With --model: its pretrained tag.")
+def index(kb, memory_budget, target_recall, k, n_queries, kinds, shards, processes, model_name, pretrained):
     """Build tuned FAISS indexes (image.index, text.index) over a knowledge base.
 
     KB: a folder written by `react-vl embed` (or clip-retrieval). Writes KB/{image,text}.index and
-    KB/{image,text}.index.json (factory, tuned parameters, recall, latency, size).
+    KB/{image,text}.index.json (factory, tuned parameters, recall, latency, size); an index built
+    in blocks keeps its inverted lists in KB/{image,text}.ivfdata, memory-mapped when searching.
+    A KB without caption embeddings gets the image index only.
     """
     from .index import build_indexes
+    from .kb import record_model
     try:
-        infos = build_indexes(kb, memory_budget, target_recall, k, tuple(kinds), n_queries)
+        if model_name:
+            record_model(kb, model_name, pretrained)
+        elif pretrained:
+            raise click.UsageError("--pretrained needs --model")
+        infos = build_indexes(kb, memory_budget, target_recall, k, tuple(kinds), n_queries, shards, processes)
     except (ValueError, FileNotFoundError) as error:
         raise click.ClickException(str(error)) from error
+    if "text" in kinds and "text" not in infos:
+        click.echo(f"{kb} has no caption embeddings (text_emb/): text.index not built, retrieve runs t2i only")
     for kind, info in infos.items():
+        where = f", lists on disk in {info['blocks']} block(s)" if info["on_disk"] else ""
         click.echo(f"{kind}.index: {info['factory']} [{info['params'] or 'exact'}] recall@{k} "
                    f"{info[f'recall_at_{k}']:.3f}, {info['latency_ms_per_query']:.3f} ms/query, "
-                   f"{info['size_bytes'] / 2**20:.1f} MiB")
+                   f"{info['size_bytes'] / 2**20:.1f} MiB{where}")
 
 
 # --- retrieve ----------------------------------------------------------------------------------
