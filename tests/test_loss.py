@@ -39,3 +39,15 @@ def test_gradients_reach_both_feature_sets_and_the_scale():
     scale = torch.tensor(5.0, requires_grad=True)
     UniCLLoss()(image, text, scale).backward()
     assert image.grad.abs().sum() > 0 and text.grad.abs().sum() > 0 and scale.grad != 0
+
+
+def test_gradient_scale_makes_the_ddp_average_the_global_gradient():
+    # without a differentiable gather each rank's gradient holds only its own features' part
+    assert UniCLLoss(0, 4).gradient_scale == 4
+    assert UniCLLoss(0, 4, gather_with_grad=True).gradient_scale == 1
+    assert UniCLLoss(0, 4, local_loss=True, gather_with_grad=True).gradient_scale == 1
+    image, text = _features(5, seed=3)
+    scale = torch.tensor(7.0)
+    ids = caption_ids(["a", "b", "a", "c", "d"])
+    assert torch.equal(UniCLLoss(local_loss=True, gather_with_grad=True)(image, text, scale, ids),
+                       UniCLLoss()(image, text, scale, ids))  # one process: local rows are all rows
