@@ -95,8 +95,10 @@ class MetadataStore:
     """Each KB part's metadata, memory-mapped, and the row of any id (its part is id >> PART_BITS)."""
 
     def __init__(self, kb: KnowledgeBase, cache_dir: Path):
+        from tqdm import tqdm
+
         self.tables, self.sorted_ids = {}, {}
-        for part in kb.parts:
+        for part in tqdm(kb.parts, desc="metadata (memory-mapped copies)", unit="part", disable=len(kb.parts) < 20):
             table = _arrow_copy(kb.metadata_path(part), cache_dir / f"metadata_{part}.arrow")
             if "id" not in table.column_names:
                 table = table.append_column("id", pa.array(make_ids(part, table.num_rows)))
@@ -615,6 +617,9 @@ def serve(kb: str | Path, retrieved: list[str | Path] = (), host: str = "127.0.0
         print(f"warning: serving on {host}: anyone who can reach this machine can search {kb}, read its images and "
               f"write curation decisions; there is no authentication (keep the default 127.0.0.1 unless you mean it)",
               file=sys.stderr)
-    app = create_app(Backend(kb, cache_dir), retrieved, allow_image_urls,
-                     allowed_hosts=LOCAL_HOSTS if host in LOCAL_HOSTS else None)
+    backend = Backend(kb, cache_dir)
+    app = create_app(backend, retrieved, allow_image_urls, allowed_hosts=LOCAL_HOSTS if host in LOCAL_HOSTS else None)
+    print(f"serving {backend.name} ({len(backend.kb):,} pairs, {backend.kb.info.get('model')}): page at "
+          f"http://{host}:{port}/, ClipClient(url='http://{host}:{port}/knn-service', indice_name='{backend.name}')",
+          file=sys.stderr)
     uvicorn.run(app, host=host, port=port, log_level="info")
