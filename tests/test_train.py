@@ -175,6 +175,23 @@ def test_streams_split_the_shards_and_resume_where_they_stopped(shards, tmp_path
     assert [sum(i in general_ids for i in b["text_ids"].tolist()) for b in mixed] == [4, 4, 4]
 
 
+def test_shard_urls_of_any_kind_webdataset_opens(shards):
+    import functools
+    import http.server
+    import threading
+
+    local, _ = _batches([shards], [16], n=6)
+    piped, _ = _batches([f"pipe:cat {shards}/shard-{{000000..000003}}.tar"], [16], n=6)  # counted on rank 0
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(shards))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        served, _ = _batches([f"http://127.0.0.1:{server.server_port}/shard-{{000000..000003}}.tar"], [16], n=6)
+    finally:
+        server.shutdown()
+    assert [b["keys"] for b in piped] == [b["keys"] for b in served] == [b["keys"] for b in local]
+
+
 # --- training ----------------------------------------------------------------------------------
 def test_resume_reproduces_the_uninterrupted_run_and_refuses_other_setups(shards, tmp_path):
     full = train(TrainConfig(shards, tmp_path / "a", strategy="gated-image", steps=8, checkpoint_every=3,
