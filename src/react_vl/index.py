@@ -205,7 +205,12 @@ def read_rows(kb: KnowledgeBase, kind: str, rows: np.ndarray) -> np.ndarray:
 def make_index(factory: str, dim: int) -> faiss.Index:
     """An empty inner-product index that stores explicit ids (IVF natively, others via IndexIDMap)."""
     index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    return index if "IVF" in factory else faiss.IndexIDMap(index)
+    if "IVF" not in factory:
+        return faiss.IndexIDMap(index)
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    if isinstance(ivf, faiss.IndexIVFPQ):  # its polysemous codes' Hamming filter is never searched with,
+        ivf.do_polysemous_training = False  # and their training takes most of the PQ training time
+    return index
 
 
 def train_size(factory: str, count: int) -> int:
