@@ -179,6 +179,23 @@ def test_metadata_and_indices_list(server, world_kb):
     assert status == 200 and json.loads(body) == ["kb"]
 
 
+def test_metadata_store_finds_ids_that_are_not_row_positions(tmp_path):
+    from react_vl.kb import write_part
+    from react_vl.serve import MetadataStore
+
+    emb = np.eye(4, dtype=np.float32)
+    ids = [(3 << 32) + 10, (3 << 32) + 2, (3 << 32) + 7, (3 << 32) + 0]  # explicit, out of row order
+    write_part(tmp_path, 3, emb, emb, pa.table({"id": ids, "caption": list("abcd")}))
+    write_part(tmp_path, 5, emb[:2], emb[:2], pa.table({"caption": ["e", "f"]}))  # ids from the row
+    store = MetadataStore(KnowledgeBase(tmp_path), tmp_path / "cache")
+    assert [m["caption"] for m in store.get(ids + [(5 << 32) + 1])] == list("abcdf")
+    assert store.get([(3 << 32) + 1, (5 << 32) + 2, 7 << 32]) == [None, None, None]
+    again = MetadataStore(KnowledgeBase(tmp_path), tmp_path / "cache")  # the copies are reused
+    assert again.get([ids[0]])[0]["caption"] == "a"
+    write_part(tmp_path, 3, emb, emb, pa.table({"id": ids, "caption": list("wxyz")}))  # re-embedded
+    assert MetadataStore(KnowledgeBase(tmp_path), tmp_path / "cache").get([ids[0]])[0]["caption"] == "w"
+
+
 # --- bad input and security -----------------------------------------------------------------------
 BAD_QUERIES = [
     (b"{not json", 400, "not JSON"),
