@@ -224,7 +224,7 @@ from react_vl.train_data import RankBatches, Source, open_shard_set
 shards, corrupt, out = sys.argv[1:4]
 env = init_distributed("cpu")
 common = dict(model="mini-vit-test", strategy="full", steps=2, batch_size=8, precision="fp32", workers=0, lr=1e-3,
-              warmup=1, seed=5)
+              warmup=1, seed=5, checkpoint_every=1)
 train(TrainConfig(shards, f"{out}/ddp", **common))
 train(TrainConfig(shards, f"{out}/local", local_loss=True, gather_with_grad=True, **common))
 train(TrainConfig(corrupt, f"{out}/corrupt", **{**common, "steps": 4}))
@@ -271,6 +271,11 @@ def test_two_process_ddp_reads_disjoint_shards_and_steps_as_one_process(shards, 
         assert summary["losses"] == pytest.approx(single["losses"], abs=1e-5)
         a = torch.load(tmp_path / run / "model.pt")["state_dict"]
         assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    # the 2-rank checkpoint resumes in 1 process x 2 workers: the same streams continue where they stopped
+    resumed = train(TrainConfig(shards, tmp_path / "resumed", model="mini-vit-test", strategy="full", steps=2,
+                                batch_size=8, precision="fp32", workers=2, lr=1e-3, warmup=1, seed=5,
+                                resume=str(tmp_path / "ddp" / "checkpoints" / "step_1.pt")))
+    assert resumed["losses"] == pytest.approx(single["losses"][1:], abs=1e-5)
     # every shard has one corrupt sample; the ranks' skip counts are summed
     skipped = json.loads((tmp_path / "corrupt" / "summary.json").read_text())["skipped"]
     assert skipped["total"] == 4 and skipped["per_rank"] == [2, 2]
