@@ -85,10 +85,16 @@ def test_record_model_refuses_another_width_or_model(embedded, tmp_path):
 
 
 def test_image_only_folder_serves_t2i_only(embedded, tmp_path):
-    kb = KnowledgeBase(laion_folder(KnowledgeBase(embedded), tmp_path / "laion", text=False))
+    folder = laion_folder(KnowledgeBase(embedded), tmp_path / "laion", text=False)
+    kb = KnowledgeBase(folder)
     assert not kb.has_text and kb.image_embeddings().shape == (36, 32)
     with pytest.raises(ValueError, match=r"no caption embeddings .* image search \(t2i\) only"):
         kb.text_embeddings()
+    record_model(folder, MODEL, None)
+    assert set(build_indexes(folder, k=5, n_queries=4)) == {"image"}
+    summary = retrieve(folder, "mini-shape-photo", tmp_path / "R", mode="t2i", k=5, dedup_threshold=None)
+    out = materialize(tmp_path / "R", tmp_path / "SHARDS", run_img2dataset=False, progress=False)
+    assert out["url_pairs"]["count"] == summary["retrieved"] > 0 and out["text_embeddings"] is None
 
 
 @pytest.mark.parametrize("damage, message", [
