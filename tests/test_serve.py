@@ -537,6 +537,14 @@ def test_page_searches_from_the_url_by_click_and_curates(server, world_kb, chrom
         screenshot = browser.send("Page.captureScreenshot", format="png")["data"]
         Path("/tmp/serve.png").write_bytes(base64.b64decode(screenshot))
 
+        query_image = tmp_path / "query.png"
+        query_image.write_bytes(_shard_images(KnowledgeBase(world_kb[0]))[int(first)])
+        document = browser.send("DOM.getDocument")["root"]["nodeId"]
+        upload = browser.send("DOM.querySelector", nodeId=document, selector="#image-file")["nodeId"]
+        browser.send("DOM.setFileInputFiles", files=[str(query_image)], nodeId=upload)
+        browser.wait_for("document.querySelector('#results h2')?.textContent.includes('query.png')")
+        assert browser.wait_for(LOADED % "#results") == 12, "an uploaded image is a query too"
+
         browser.send("Page.navigate", url=f"{server}/?set=r")
         browser.wait_for("document.querySelectorAll('table.cards tr').length > 1")
         browser.evaluate("[...document.querySelectorAll('table.cards a')].find(a => a.textContent == 'circle').click()")

@@ -212,7 +212,7 @@ async function start() {
     const file = e.target.files[0];
     if (!file) return;
     try {
-      history.pushState(null, "", `/?modality=${$("modality").value}`);
+      history.pushState(null, "", `/?modality=${$("modality").value}&num=${$("num").value}`);
       await search({ ...searchParams(new URLSearchParams(location.search)), image: await readFile(file) }, file.name);
     } catch (err) {
       status(err.message, true);
