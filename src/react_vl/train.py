@@ -29,13 +29,13 @@ from open_clip.transform import AugmentationCfg
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm import tqdm
 
-from . import strategies
 from .data import SkipLog
 from .distributed import DistEnv, init_distributed
 from .gated import gate_values, gated_layers
 from .loss import UniCLLoss
 from .models import CHECKPOINT_META_KEY, save_model, text_tower_fingerprint
-from .strategies import GATED_STRATEGIES, TRAINED_PARTS, build_model, set_trainable
+from .strategies import (GATED_STRATEGIES, TRAINED_PARTS, build_model, check_strategy, set_grad_checkpointing,
+                         set_trainable)
 from .train_config import TrainConfig
 from .train_data import RankBatches, ShardSet, Source, check_streams, open_shard_set
 from .utils import atomic_path, atomic_save, autocast_dtype, write_json
@@ -224,7 +224,7 @@ def _sources(config: TrainConfig, env: DistEnv) -> tuple[list[Source], int]:
         raise ValueError(f"--batch-size {config.batch_size} must be a multiple of the data streams: "
                          f"{env.world_size} process(es) x {max(1, workers)} loader worker(s) = {streams}")
     mix = streams * round(config.mix_ratio * config.batch_size / streams) if len(sets) > 1 else 0
-    locked_text = "text" not in TRAINED_PARTS[strategies.check_strategy(config.strategy)]
+    locked_text = "text" not in TRAINED_PARTS[check_strategy(config.strategy)]
     sources = [Source(s, share, config.text_embeddings and locked_text and s.text_embeddings is not None)
                for s, share in zip(sets, (config.batch_size - mix, mix)) if share]
     check_streams(sources, streams, max(1, workers))
@@ -260,7 +260,7 @@ def _build(config: TrainConfig, env: DistEnv, sources: list[Source]):
             check_text_embeddings(source, model, model.react_vl["model"])
     counts = set_trainable(model, config.strategy, config.train_logit_scale)
     if config.grad_checkpointing:
-        strategies.set_grad_checkpointing(model, True)
+        set_grad_checkpointing(model, True)
     transform = image_transform(model.visual.image_size, is_train=True,
                                 aug_cfg=PaperAugmentationCfg()) if config.augment else preprocess
     optimizer = make_optimizer(model, lr, config.weight_decay, config.gate_lr_scale)
