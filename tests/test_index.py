@@ -209,3 +209,15 @@ def test_index_cli_records_the_model_and_builds_in_blocks(tmp_path, vectors):
     kb = KnowledgeBase(kb.path)
     assert kb.info["model"] == "mini-vit-test" and kb.info["pretrained"] is None
     assert load_index(kb, "image").ntotal == len(img)
+
+
+def test_kb_without_captions_gets_the_image_index_only(tmp_path, vectors):
+    """LAION-5B's image-only folders: tuned on held-out image queries, no text index."""
+    from react_vl.index import build_indexes
+
+    img, text = vectors
+    kb = make_kb(tmp_path / "kb", img[:3000], text[:3000], parts=[0, 1])
+    shutil.rmtree(kb.path / "text_emb")
+    infos = build_indexes(kb.path, n_queries=100)
+    assert list(infos) == ["image"] and infos["image"]["recall_at_10"] == 1.0  # Flat: exact
+    assert not (kb.path / "text.index").exists() and load_index(kb.path, "image").ntotal == 3000
