@@ -2,7 +2,6 @@ import io
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import textwrap
@@ -11,7 +10,6 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-import webdataset as wds
 from PIL import Image, ImageDraw
 
 from react_vl.distributed import init_distributed
@@ -26,30 +24,29 @@ COLOURS = {"red": (220, 30, 30), "green": (30, 180, 40), "blue": (30, 60, 220), 
 FAST = dict(model="mini-vit-test", batch_size=16, workers=0, log_every=1, warmup=2, lr=2e-3)
 
 
-def write_shards(out, n, shards=2, seed=0, prefix="shard", corrupt=0, text_model=None):
-    """Coloured discs and squares with their captions; `corrupt` samples of every shard get broken
-    PNG bytes. `text_model` (model, tokenizer, name): each sample also carries its caption's
+def shape_shards(write_shards, out, n, shards=2, seed=0, prefix="shard", corrupt=0, text_model=None):
+    """n coloured discs and squares with their captions, through conftest's shard writer (sample i in
+    shard i % shards, key PREFIX{shard}_{index}); the first `corrupt` samples of every shard get
+    broken PNG bytes. `text_model` (model, tokenizer, name): each sample also carries its caption's
     embedding by that model's text tower (KEY.text_emb.npy), declared in summary.json."""
     rng = random.Random(seed)
-    out.mkdir(parents=True, exist_ok=True)
-    for s in range(shards):
-        with wds.TarWriter(str(out / f"{prefix}-{s:06d}.tar")) as sink:
-            for i in range(n // shards):
-                colour, shape = rng.choice(list(COLOURS)), rng.choice(["disc", "square"])
-                image = Image.new("RGB", (32, 32), "white")
-                draw = ImageDraw.Draw(image)
-                (draw.ellipse if shape == "disc" else draw.rectangle)([6, 6, 26, 26], fill=COLOURS[colour])
-                png = io.BytesIO()
-                image.save(png, "PNG")
-                caption = f"a {colour} {shape} ({prefix})"
-                sample = {"__key__": f"{prefix}{s}_{i:05d}", "png": png.getvalue()[:20] if i < corrupt else png.getvalue(),
-                          "txt": caption}
-                if text_model:
-                    sample["text_emb.npy"] = _embedding(text_model, caption)
-                sink.write(sample)
+    samples = []
+    for i in range(n):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(["disc", "square"])
+        image = Image.new("RGB", (32, 32), "white")
+        draw = ImageDraw.Draw(image)
+        (draw.ellipse if shape == "disc" else draw.rectangle)([6, 6, 26, 26], fill=COLOURS[colour])
+        png = io.BytesIO()
+        image.save(png, "PNG")
+        caption = f"a {colour} {shape} ({prefix})"
+        samples.append({"__key__": f"{prefix}{i % shards}_{i // shards:05d}", "txt": caption,
+                        "png": png.getvalue()[:20] if i // shards < corrupt else png.getvalue()})
+        if text_model:
+            samples[-1]["text_emb.npy"] = _embedding(text_model, caption)
+    names = [path.name for path in write_shards(out, samples, shards=shards, prefix=prefix)]
     if text_model:
         model, _, name = text_model
-        summary = {"count": n, "shards": [f"{prefix}-{s:06d}.tar" for s in range(shards)],
+        summary = {"count": n, "shards": names,
                    "text_embeddings": {"model": name, "pretrained": None, "dim": model.visual.output_dim,
                                        "text_tower_sha256": text_tower_fingerprint(model)}}
         (out / "summary.json").write_text(json.dumps(summary))
@@ -66,14 +63,8 @@ def _embedding(text_model, caption: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    return write_shards(tmp_path_factory.mktemp("shards"), 96, shards=4)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def shards(tmp_path_factory, write_shards):
+    return shape_shards(write_shards, tmp_path_factory.mktemp("shards"), 96, shards=4)
 
 
 def _parts(model):
@@ -151,7 +142,7 @@ def _batches(shard_specs, per_batch, rank=0, world_size=1, workers=0, start=0, c
     return taken, cursors
 
 
-def test_streams_split_the_shards_and_resume_where_they_stopped(shards, tmp_path):
+def test_streams_split_the_shards_and_resume_where_they_stopped(shards, tmp_path, write_shards):
     one_rank, _ = _batches([shards], [16], workers=2, n=8)  # 2 streams, 8 samples each per micro-batch
     rank0, _ = _batches([shards], [16], rank=0, world_size=2, n=8)
     rank1, _ = _batches([shards], [16], rank=1, world_size=2, n=8)
@@ -169,7 +160,7 @@ def test_streams_split_the_shards_and_resume_where_they_stopped(shards, tmp_path
     assert [b["keys"] for b in resumed] == [b["keys"] for b in one_rank[3:]]
     assert all(torch.equal(a["images"], b["images"]) for a, b in zip(resumed, one_rank[3:]))
     # a mixed-in general set gives its share of every micro-batch
-    general = write_shards(tmp_path / "general", 40, shards=2, prefix="general")
+    general = shape_shards(write_shards, tmp_path / "general", 40, shards=2, prefix="general")
     mixed, _ = _batches([shards, general], [12, 4], workers=2, n=3)
     general_ids = set(caption_ids([f"a {c} {s} (general)" for c in COLOURS for s in ("disc", "square")]).tolist())
     assert [sum(i in general_ids for i in b["text_ids"].tolist()) for b in mixed] == [4, 4, 4]
@@ -247,13 +238,14 @@ with open(f"{out}/rank{env.rank}.json", "w") as f:
 
 
 @pytest.mark.slow
-def test_two_process_ddp_reads_disjoint_shards_and_steps_as_one_process(shards, tmp_path):
+def test_two_process_ddp_reads_disjoint_shards_and_steps_as_one_process(shards, tmp_path, write_shards,
+                                                                        free_port):
     script = tmp_path / "ddp.py"
     script.write_text(textwrap.dedent(DDP_SCRIPT))
-    corrupt = write_shards(tmp_path / "corrupt", 32, shards=4, corrupt=1)
+    corrupt = shape_shards(write_shards, tmp_path / "corrupt", 32, shards=4, corrupt=1)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                    str(_free_port()), str(script), str(shards), str(corrupt), str(tmp_path)],
+                    str(free_port), str(script), str(shards), str(corrupt), str(tmp_path)],
                    check=True, env=env, timeout=300)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [(r["device"], r["backend"]) for r in ranks] == [("cpu", "gloo")] * 2  # the batch-size sync ran there
@@ -327,16 +319,18 @@ def test_customize_command_takes_its_defaults_from_train_config_and_trains(shard
 
 # --- caption embeddings from the shards --------------------------------------------------------
 @pytest.fixture(scope="module")
-def embedded_shards(tmp_path_factory):
+def embedded_shards(tmp_path_factory, write_shards):
     """Shards carrying the captions' embeddings by the text tower of mini-vit-test as built with seed 0."""
     torch.manual_seed(0)  # as the trainer builds it: the same text tower
     model, _, tokenizer = build_model("mini-vit-test", None, "gated-image")
     model.eval()
-    return write_shards(tmp_path_factory.mktemp("embedded"), 48, shards=2, text_model=(model, tokenizer, "mini-vit-test"))
+    return shape_shards(write_shards, tmp_path_factory.mktemp("embedded"), 48, shards=2,
+                        text_model=(model, tokenizer, "mini-vit-test"))
 
 
-def test_cached_caption_embeddings_give_the_text_towers_loss(embedded_shards, tmp_path):
-    general = write_shards(tmp_path / "general", 40, shards=2, prefix="general")  # no embeddings: the tower runs
+def test_cached_caption_embeddings_give_the_text_towers_loss(embedded_shards, tmp_path, write_shards):
+    # general pairs without embeddings: the text tower runs for them
+    general = shape_shards(write_shards, tmp_path / "general", 40, shards=2, prefix="general")
     options = dict(strategy="gated-image", steps=3, mix_shards=str(general), mix_ratio=0.5, precision="fp32",
                    seed=0, **FAST)
     cached = train(TrainConfig(embedded_shards, tmp_path / "cached", **options))
@@ -351,7 +345,7 @@ def test_cached_caption_embeddings_give_the_text_towers_loss(embedded_shards, tm
     assert text_trained["args"]["text_embeddings_used"] == []
 
 
-def test_foreign_or_missing_caption_embeddings_are_refused_or_skipped(embedded_shards, tmp_path):
+def test_foreign_or_missing_caption_embeddings_are_refused_or_skipped(embedded_shards, tmp_path, write_shards):
     import shutil
 
     summary = json.loads((embedded_shards / "summary.json").read_text())
@@ -368,18 +362,18 @@ def test_foreign_or_missing_caption_embeddings_are_refused_or_skipped(embedded_s
         train(TrainConfig(folder, tmp_path / f"run-{name}-tower", steps=1, text_embeddings=False, **FAST))
     # samples without the embedding in a set that declares them: skipped and counted; all without: an error
     partial = shutil.copytree(embedded_shards, tmp_path / "partial")
-    write_shards(partial, 16, shards=1, prefix="plain")
+    shape_shards(write_shards, partial, 16, shards=1, prefix="plain")
     (partial / "summary.json").write_text(json.dumps({**summary, "count": 64, "shards": summary["shards"] + [
         "plain-000000.tar"]}))
     run = train(TrainConfig(partial, tmp_path / "run-partial", steps=4, **FAST))  # 4 x 16: one epoch
     assert run["skipped"]["counts"] == {"no caption embedding": 16}
-    lacking = write_shards(tmp_path / "lacking", 32, shards=1)
+    lacking = shape_shards(write_shards, tmp_path / "lacking", 32, shards=1)
     (lacking / "summary.json").write_text(json.dumps({**summary, "count": 32, "shards": ["shard-000000.tar"]}))
     with pytest.raises(ValueError, match="empty batch at step 0.*no caption embedding"):
         train(TrainConfig(lacking, tmp_path / "run-lacking", steps=1, **FAST))
 
 
-def test_bad_input_gives_clear_errors_and_skips_corrupt_samples(shards, tmp_path):
+def test_bad_input_gives_clear_errors_and_skips_corrupt_samples(shards, tmp_path, write_shards):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="holds no shard"):
         train(TrainConfig(tmp_path / "empty", tmp_path / "r0", steps=1, **FAST))
@@ -396,7 +390,7 @@ def test_bad_input_gives_clear_errors_and_skips_corrupt_samples(shards, tmp_path
     with pytest.raises(ValueError, match=r"--batch-size 15 must be a multiple of the data streams: 1 process\(es\) "
                                          r"x 2 loader worker\(s\) = 2"):
         train(TrainConfig(shards, tmp_path / "r4", steps=1, **{**FAST, "workers": 2, "batch_size": 15}))
-    corrupt = write_shards(tmp_path / "corrupt", 32, shards=1, corrupt=3)
+    corrupt = shape_shards(write_shards, tmp_path / "corrupt", 32, shards=1, corrupt=3)
     summary = train(TrainConfig(corrupt, tmp_path / "r5", strategy="full", steps=2, **FAST))
     assert summary["skipped"]["total"] == 3 and list(summary["skipped"]["counts"]) == ["undecodable: OSError"]
     assert len(summary["skipped"]["listed"]["undecodable: OSError"]) == 3  # where: shard and key
