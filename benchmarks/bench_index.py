@@ -1,12 +1,17 @@
-"""Index benchmark: react-vl's index choice and tuning vs autofaiss's, on the same vectors and memory budget.
+"""Index benchmark: the build in blocks merged on disk vs one build, and react-vl vs autofaiss.
 
-    nice -n 10 python benchmarks/bench_index.py                      # 1M x 512, budgets 2GB and 1GB
-    nice -n 10 python benchmarks/bench_index.py --n 100000 --budgets 400MB,210MB
+    OMP_NUM_THREADS=1 nice -n 10 python benchmarks/bench_index.py    # blocks vs one build, 200k x 512
+    nice -n 10 python benchmarks/bench_index.py --compare autofaiss  # 1M x 512, budgets 2GB and 1GB
+    nice -n 10 python benchmarks/bench_index.py --compare autofaiss --n 100000 --budgets 400MB,210MB
 
-Synthetic clustered, L2-normalised 512-d vectors are written as a KB; react-vl's `build_index`
-and autofaiss's `build_index` (run in its own venv, because it pins numpy<2) index the same
-npy files. Both indexes are then searched here, side by side, with the same fresh queries:
-recall@10 against exact search, latency per query (best of 3, batch search), build time, size.
+Synthetic clustered, L2-normalised 512-d vectors are written as a KB. `--compare blocks` (the
+default) first prints what the factory rule picks for 400M x 512 at 4/16/32/64 GB, then builds the
+same factory twice over the KB, each build in its own process (so its peak RSS is its own): once
+in one piece in RAM, once in `--blocks` blocks filled by `--processes` processes and merged into
+one on-disk index; both are searched with the same fresh queries. `--compare autofaiss`:
+react-vl's `build_index` and autofaiss's `build_index` (run in its own venv, because it pins
+numpy<2) index the same npy files. Both are then searched side by side with the same fresh
+queries: recall@k against exact search, latency per query (best of 3, batch search), build time, size.
 
 autofaiss venv: python -m venv /work/venv-autofaiss && /work/venv-autofaiss/bin/pip install autofaiss
 "pyarrow<15" (recent pyarrow needs numpy>=2, autofaiss pins numpy<2).
@@ -14,7 +19,9 @@ autofaiss venv: python -m venv /work/venv-autofaiss && /work/venv-autofaiss/bin/
 
 import argparse
 import json
+import resource
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +31,7 @@ import numpy as np
 import pyarrow as pa
 from faiss.contrib.exhaustive_search import knn_ground_truth
 
-from react_vl.index import build_index, load_index, parse_size
+from react_vl.index import build_index, factory_table, load_index, parse_size
 from react_vl.kb import KnowledgeBase, make_ids, write_info, write_part
 
 AUTOFAISS_BUILD = """
@@ -69,50 +76,122 @@ def measure(index, queries, truth, k=10, repeats=3):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=1_000_000, help="vectors in the synthetic KB")
+    parser.add_argument("--compare", choices=["blocks", "autofaiss"], default="blocks")
+    parser.add_argument("--n", type=int, default=None, help="vectors in the synthetic KB (200k for blocks, 1M else)")
     parser.add_argument("--dim", type=int, default=512)
-    parser.add_argument("--budgets", default="2GB,1GB", help="comma-separated memory budgets (at 1M x 512, "
-                        "2GB fits an HNSW graph and 1GB forces OPQ + IVF + PQ)")
+    parser.add_argument("--budgets", default="2GB,1GB", help="autofaiss: comma-separated memory budgets (at 1M x "
+                        "512, 2GB fits an HNSW graph and 1GB forces OPQ + IVF + PQ)")
+    parser.add_argument("--factory", default="IVF512_HNSW32,Flat", help="blocks: the index both builds make")
+    parser.add_argument("--blocks", type=int, default=4)
+    parser.add_argument("--processes", type=int, default=2)
+    parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--autofaiss-python", default="/work/venv-autofaiss/bin/python")
+    parser.add_argument("--child", choices=["one", "blocks"], help=argparse.SUPPRESS)  # one build, in this process
+    parser.add_argument("--kb", help=argparse.SUPPRESS)
+    parser.add_argument("--eval", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        return child_build(args)
+    args.n = args.n or (200_000 if args.compare == "blocks" else 1_000_000)
     rng = np.random.default_rng(0)
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         centres = rng.standard_normal((1000, args.dim)).astype(np.float32)
         kb = make_kb(Path(tmp) / "kb", args.n, centres, rng)
         queries = next(clustered(args.queries, centres, rng))  # fresh vectors from the same distribution
         database = kb.image_embeddings()
-        _, truth = knn_ground_truth(queries, (database[lo:lo + 100_000] for lo in range(0, args.n, 100_000)), 10,
-                                    faiss.METRIC_INNER_PRODUCT)
+        _, truth = knn_ground_truth(queries, (database[lo:lo + 100_000] for lo in range(0, args.n, 100_000)),
+                                    max(10, args.k), faiss.METRIC_INNER_PRODUCT)
         truth_ids = kb.ids()[truth]
-        print(f"\n{args.n} x {args.dim} clustered vectors, {args.queries} queries, recall@10 vs exact, "
-              f"{faiss.omp_get_max_threads()} threads")
-        print(f"{'who':10s} {'budget':>7s} {'factory':34s} {'params':32s} {'recall@10':>9s} {'ms/query':>9s} "
-              f"{'build s':>8s} {'MiB':>7s}", flush=True)
-        for budget in args.budgets.split(","):
-            infos = build_index(kb, "image", memory_budget=budget, target_recall=0.95, k=10)
-            recall, latency = measure(load_index(kb, "image"), queries, truth_ids)
-            rows.append(("react-vl", budget, infos["factory"], infos["params"], recall, latency, infos["build_s"],
-                         infos["size_bytes"]))
-            print_row(*rows[-1])
+        print(f"\n{args.n} x {args.dim} clustered vectors, {args.queries} queries, recall@{args.k} vs exact, "
+              f"{faiss.omp_get_max_threads()} threads", flush=True)
+        compare = compare_blocks if args.compare == "blocks" else compare_autofaiss
+        compare(args, kb, queries, truth_ids, Path(tmp))
 
-            af_index = Path(tmp) / "autofaiss.index"
-            out = subprocess.run([args.autofaiss_python, "-c", AUTOFAISS_BUILD, str(kb.path / "img_emb"),
-                                  str(af_index), str(Path(tmp) / "af.json"), f"{parse_size(budget)}B"],
-                                 capture_output=True, text=True, check=False)
-            if out.returncode:  # keep react-vl's row and the other budgets; say why autofaiss has none
-                print(f"autofaiss failed at {budget} (exit {out.returncode}):\n{out.stderr[-2000:]}", flush=True)
-                rows.pop()
-                continue
-            af = json.loads(out.stdout.strip().splitlines()[-1])
-            index = faiss.read_index(str(af_index))
-            faiss.ParameterSpace().set_index_parameters(index, af["index_param"])
-            # autofaiss numbers vectors by file position; map them to the KB's explicit ids
-            recall, latency = measure(_PositionIds(index, kb.ids()), queries, truth_ids)
-            rows.append(("autofaiss", budget, af["index_key"], af["index_param"], recall, latency, af["build_s"],
-                         af_index.stat().st_size))
-            print_row(*rows[-1])
+
+def compare_blocks(args, kb, queries, truth_ids, tmp):
+    """The same factory built in one piece and in blocks merged on disk, each in its own process."""
+    table = factory_table(400_000_000, 512, ["4GB", "16GB", "32GB", "64GB"])
+    print("\nfactory rule at 400M x 512:\n" + "\n".join(table))
+    np.save(tmp / "queries.npy", queries)
+    np.save(tmp / "truth.npy", truth_ids)
+    results = {}
+    for how in ("one", "blocks"):
+        out = subprocess.run([sys.executable, __file__, "--child", how, "--kb", str(kb.path), "--eval", str(tmp),
+                              "--factory", args.factory, "--blocks", str(args.blocks),
+                              "--processes", str(args.processes), "--k", str(args.k)],
+                             capture_output=True, text=True, check=False)
+        if out.returncode:
+            sys.exit(f"the {how} build failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+        results[how] = json.loads(out.stdout.strip().splitlines()[-1])
+        results[how]["found"] = np.load(tmp / f"found_{how}.npy")
+    print(f"\n{args.factory}, k={args.k}, blocks: {args.blocks} filled by {args.processes} processes")
+    print(f"{'build':8s} {'params':34s} {'tuned r@k':>9s} {'fresh r@k':>9s} {'ms/query':>9s} {'build s':>8s} "
+          f"{'peak MiB':>9s} {'worker MiB':>10s} {'RSS loaded':>10s} {'MiB on disk':>11s}")
+    for how, r in results.items():
+        print(f"{how:8s} {r['params']:34s} {r['tuned_recall']:9.3f} {r['recall']:9.3f} {r['latency_ms']:9.3f} "
+              f"{r['build_s']:8.1f} {r['peak_mib']:9.0f} {r['worker_peak_mib']:10.0f} {r['loaded_rss_mib']:10.0f} "
+              f"{r['size_mib']:11.1f}", flush=True)
+    one, blocks = results["one"], results["blocks"]
+    same = np.mean(one["found"] == blocks["found"])
+    print(f"blocks/one: recall ratio {blocks['recall'] / one['recall']:.3f}, identical result ids {same:.3f}, "
+          f"build-time ratio {blocks['build_s'] / one['build_s']:.2f}, peak-RSS ratio (main process) "
+          f"{blocks['peak_mib'] / one['peak_mib']:.2f}, loaded-RSS ratio "
+          f"{blocks['loaded_rss_mib'] / one['loaded_rss_mib']:.2f}")
+
+
+def child_build(args):
+    """One build of --factory over --kb in this process; prints its figures as one JSON line."""
+    kb = KnowledgeBase(args.kb)
+    shards = {"one": 1, "blocks": args.blocks}[args.child]
+    infos = build_index(kb, "image", factory=args.factory, k=args.k, shards=shards, processes=args.processes)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    index = load_index(kb, "image")
+    queries, truth = np.load(Path(args.eval) / "queries.npy"), np.load(Path(args.eval) / "truth.npy")
+    recall, latency = measure(index, queries, truth, k=args.k)
+    _, found = index.search(queries, args.k)
+    np.save(Path(args.eval) / f"found_{args.child}.npy", found)
+    print(json.dumps({"params": infos["params"], "tuned_recall": infos[f"recall_at_{args.k}"],
+                      "recall": recall, "latency_ms": latency, "build_s": infos["build_s"], "peak_mib": peak,
+                      "worker_peak_mib": workers, "loaded_rss_mib": _rss_mib(),
+                      "size_mib": infos["size_bytes"] / 2**20, "on_disk": infos["on_disk"]}))
+
+
+def _rss_mib() -> float:
+    """This process's resident memory now (an on-disk index's lists count only as far as they were read)."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+
+
+def compare_autofaiss(args, kb, queries, truth_ids, tmp):
+    """react-vl's choice and tuning vs autofaiss's, on the same npy files and budgets."""
+    rows = []
+    print(f"{'who':10s} {'budget':>7s} {'factory':34s} {'params':32s} {'recall@10':>9s} {'ms/query':>9s} "
+          f"{'build s':>8s} {'MiB':>7s}", flush=True)
+    for budget in args.budgets.split(","):
+        infos = build_index(kb, "image", memory_budget=budget, target_recall=0.95, k=10)
+        recall, latency = measure(load_index(kb, "image"), queries, truth_ids)
+        rows.append(("react-vl", budget, infos["factory"], infos["params"], recall, latency, infos["build_s"],
+                     infos["size_bytes"]))
+        print_row(*rows[-1])
+
+        af_index = tmp / "autofaiss.index"
+        out = subprocess.run([args.autofaiss_python, "-c", AUTOFAISS_BUILD, str(kb.path / "img_emb"),
+                              str(af_index), str(tmp / "af.json"), f"{parse_size(budget)}B"],
+                             capture_output=True, text=True, check=False)
+        if out.returncode:  # keep react-vl's row and the other budgets; say why autofaiss has none
+            print(f"autofaiss failed at {budget} (exit {out.returncode}):\n{out.stderr[-2000:]}", flush=True)
+            rows.pop()
+            continue
+        af = json.loads(out.stdout.strip().splitlines()[-1])
+        index = faiss.read_index(str(af_index))
+        faiss.ParameterSpace().set_index_parameters(index, af["index_param"])
+        # autofaiss numbers vectors by file position; map them to the KB's explicit ids
+        recall, latency = measure(_PositionIds(index, kb.ids()), queries, truth_ids)
+        rows.append(("autofaiss", budget, af["index_key"], af["index_param"], recall, latency, af["build_s"],
+                     af_index.stat().st_size))
+        print_row(*rows[-1])
 
     for mine, theirs in zip(rows[::2], rows[1::2]):
         print(f"budget {mine[1]}: recall ratio react-vl/autofaiss {mine[4] / theirs[4]:.3f}, "
