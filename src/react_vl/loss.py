@@ -64,7 +64,8 @@ class UniCLLoss(nn.Module):
             text_ids = text_ids + self.rank * len(image_features)
         if self.world_size == 1:
             logits = logit_scale * image_features @ text_features.T
-            return (_soft_cross_entropy(logits, text_ids, text_ids) + _soft_cross_entropy(logits.T, text_ids, text_ids)) / 2
+            return (_soft_cross_entropy(logits, text_ids, text_ids)
+                    + _soft_cross_entropy(logits.T, text_ids, text_ids)) / 2
         all_images, all_texts = gather_features(image_features, text_features, local_loss=self.local_loss,
                                                 gather_with_grad=self.gather_with_grad, rank=self.rank,
                                                 world_size=self.world_size)

@@ -124,7 +124,8 @@ def _load_checkpoint(path: Path, model, optimizer, scaler, meta: dict) -> tuple[
         was, now = theirs.get("args", {}), meta["args"]
         raise ValueError(f"checkpoint {path} was written with {was.get('world_size')} process(es) x "
                          f"{max(1, was.get('workers') or 0)} loader worker(s) = {theirs.get('streams')} data streams; "
-                         f"this run has {now['world_size']} x {max(1, now['workers'])} = {meta['streams']}. Resume with as many streams "
+                         f"this run has {now['world_size']} x {max(1, now['workers'])} = {meta['streams']}. "
+                         f"Resume with as many streams "
                          f"(e.g. --workers {max(1, (theirs.get('streams') or 1) // now['world_size'])} on "
                          f"{now['world_size']} process(es)), so that every stream continues where it stopped")
     for key in ("model", "strategy", "gated_layers", "batch_size", "train_logit_scale"):
@@ -395,7 +396,8 @@ def _train_step(run: _Run, step: int) -> float:
 def _log_step(run: _Run, done: int, loss: float, samples_per_s: float, writer):
     count = run.sources[0].shard_set.count
     lr_now = learning_rate(done - 1, run.lr, run.warmup, run.total_steps)
-    record = {"step": done, "epoch": done * run.sources[0].per_batch * run.config.accum_steps / count if count else None,
+    epoch = done * run.sources[0].per_batch * run.config.accum_steps / count if count else None
+    record = {"step": done, "epoch": epoch,
               "loss": loss, "lr": lr_now, "samples_per_s": samples_per_s,
               "logit_scale": float(run.model.logit_scale.detach().exp()),
               "gates": {str(k): v for k, v in gate_values(run.model).items()} if gated_layers(run.model) else {}}

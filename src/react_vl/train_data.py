@@ -196,11 +196,12 @@ def check_streams(sources: list[Source], streams: int, workers_per_rank: int):
     """Every shard set needs a shard and every micro-batch a sample per logical stream."""
     for source in sources:
         shards = len(source.shard_set.shards)
+        processes = streams // workers_per_rank
         if shards < streams:
             raise ValueError(f"{source.shard_set.spec}: {shards} shard(s) for {streams} data streams "
-                             f"({streams // workers_per_rank} process(es) x {workers_per_rank} loader worker(s)); "
-                             f"each stream reads its own shards: pass --workers {max(1, shards // (streams // workers_per_rank))} "
-                             f"or fewer, or materialize with a smaller --maxcount so there are >= {streams} shards")
+                             f"({processes} process(es) x {workers_per_rank} loader worker(s)); each stream reads "
+                             f"its own shards: pass --workers {max(1, shards // processes)} or fewer, or "
+                             f"materialize with a smaller --maxcount so there are >= {streams} shards")
         if source.per_batch % streams:
             raise ValueError(f"{source.per_batch} samples per batch from {source.shard_set.spec} do not split over "
                              f"{streams} data streams (processes x loader workers); choose a --batch-size (and "
