@@ -94,6 +94,24 @@ def test_parquet_and_image_folder_read_the_same_pairs_as_tar(tmp_path):
         list(iter_corpus(str(tmp_path / "bytes.parquet")))
 
 
+def test_pipe_corpus_embeds_as_its_local_path_and_a_failing_command_is_counted(tmp_path):
+    shards = make_shards(tmp_path / "c", 2, 4)
+    piped = "pipe:cat " + str(tmp_path / "c" / "kb-{000000..000001}.tar")
+    assert list_shards(piped) == [f"pipe:cat {shard}" for shard in shards]
+    for corpus, out in ((str(tmp_path / "c"), "kb_local"), (piped, "kb_pipe")):
+        summary = embed_corpus(corpus, MODEL, None, tmp_path / out, batch_size=4, workers=0, progress=False)
+        assert summary["count"] == 8 and summary["skipped"]["counts"] == {}
+    local, pipe = KnowledgeBase(tmp_path / "kb_local"), KnowledgeBase(tmp_path / "kb_pipe")
+    assert np.array_equal(local.image_embeddings(), pipe.image_embeddings())
+    assert np.array_equal(local.text_embeddings(), pipe.text_embeddings())
+    assert pipe.metadata().column("shard").to_pylist() == [f"pipe:cat {s}" for s in shards for _ in range(4)]
+    assert local.metadata().drop(["shard"]).equals(pipe.metadata().drop(["shard"]))
+
+    skips = SkipLog()
+    assert list(iter_corpus(f"pipe:cat {tmp_path}/missing.tar", skips)) == []
+    assert skips.counts["corrupt shard"] == 1 and "exit 1" in skips.listed["corrupt shard"][0]
+
+
 def test_embed_writes_normalised_kb_and_counts_skips(tmp_path):
     rng = np.random.default_rng(1)
     good, truncated = make_shards(tmp_path / "c", 2, 6)

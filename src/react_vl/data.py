@@ -4,7 +4,7 @@
     for pair in read_shard(shards[0], skips):                     # Pair(key, image, caption, ...)
 
 Three layouts are read, one shard at a time (a shard is the unit of resume and scale-out):
-- webdataset tar shards: local paths, brace patterns, globs, folders of .tar, fsspec URLs;
+- webdataset tar shards: local paths, brace patterns, globs, folders of .tar, URLs (`open_shard`);
   members KEY.{png,jpg,...}, KEY.txt, optional KEY.json (kept as the string column `json`);
 - parquet files with a caption column and image bytes or image paths (column names configurable);
 - a folder of images with sidecar KEY.txt captions (img2dataset's folder output): each
@@ -26,10 +26,12 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import braceexpand
 import pyarrow.parquet as pq
 from PIL import Image
+from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -177,12 +179,24 @@ def count_from_stats(folder_or_shards: str | list[str]) -> int | None:
     return total
 
 
-def open_shard(shard: str):
-    """A binary file object for a local path or any fsspec URL (s3://, gs://, https://, ...)."""
-    if _is_url(shard):
-        import fsspec
-        return fsspec.open(shard, "rb").open()
-    return open(shard, "rb")
+def open_shard(shard: str, seekable: bool = True):
+    """A binary file object for a shard's local path or URL (the one shard opener of the package).
+
+    seekable (parquet files, reads at an offset): a local file, or fsspec for a URL (s3://, gs://,
+    https://, ...). seekable=False, for a tar read front to back: `pipe:` commands and the other
+    schemes webdataset's gopen knows (http(s) via curl, gs, ais, hf, ...) through gopen, the rest
+    (s3://, az://, ...) through fsspec (pip install fsspec s3fs).
+    """
+    if not _is_url(shard):
+        return open(shard, "rb")
+    scheme = urlparse(shard).scheme
+    if not seekable and scheme in gopen_schemes:
+        return gopen(shard, "rb")
+    if scheme == "pipe":
+        raise ValueError(f"shard {shard!r}: a pipe: command's output can only be read front to back, "
+                         f"not at an offset; give the shard's path or URL instead")
+    import fsspec
+    return fsspec.open(shard, "rb").open()
 
 
 def read_shard(shard: str, skips: SkipLog, columns: ParquetColumns | None = None) -> Iterator[Pair]:
@@ -209,7 +223,7 @@ def _pair_or_skip(skips: SkipLog, shard: str, key: str, image: bytes | None, ima
 
 
 def _read_tar(shard, skips, columns):
-    with open_shard(shard) as stream:
+    with open_shard(shard, seekable=False) as stream:
         for sample in group_by_keys(tar_file_expander([{"url": shard, "stream": stream}])):
             key = sample["__key__"]
             image_ext = next((ext for ext in IMAGE_EXTS if ext in sample), "")

@@ -30,17 +30,15 @@ import itertools
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL.Image import DecompressionBombError
 from tqdm import tqdm
-from webdataset.gopen import gopen, gopen_schemes
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .data import IMAGE_EXTS, TAR_EXTS, SkipLog, count_from_stats, decode_image, list_shards
+from .data import IMAGE_EXTS, TAR_EXTS, SkipLog, count_from_stats, decode_image, list_shards, open_shard
 from .loss import caption_ids
 from .utils import read_json
 
@@ -105,15 +103,6 @@ def open_shard_set(spec, env, train_num_samples: int | None = None, need_count: 
 
 
 # --- one logical stream ------------------------------------------------------------------------
-def open_url(url: str):
-    """A binary stream for a shard URL: webdataset's gopen, or fsspec for schemes gopen lacks."""
-    scheme = urlparse(url).scheme if "://" in url or url.startswith("pipe:") else ""
-    if scheme and scheme not in gopen_schemes:
-        import fsspec  # s3://, az://, ... (pip install fsspec s3fs)
-        return fsspec.open(url, "rb").open()
-    return gopen(url, "rb")
-
-
 def _raw_samples(shards: list[str], skips: SkipLog):
     """Complete raw samples (image and txt, undecoded) of `shards` in order; bad ones counted."""
     def handler(err: Exception) -> bool:  # webdataset appends the stream and the URL to err.args
@@ -123,7 +112,7 @@ def _raw_samples(shards: list[str], skips: SkipLog):
 
     for url in shards:
         try:
-            stream = open_url(url)
+            stream = open_shard(url, seekable=False)
         except Exception as err:  # noqa: BLE001 - any opening error loses this shard only, counted
             skips.add("unreadable shard", f"{url}: {type(err).__name__}: {err}")
             continue
