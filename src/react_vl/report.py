@@ -19,9 +19,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 from matplotlib.figure import Figure
-from PIL import Image
 
-from .data import SkipLog, read_shard
+from .data import SkipLog, decode_image, read_shard
 from .utils import atomic_path
 
 SAMPLES_PER_CLASS = 4
@@ -309,10 +308,9 @@ def _read_images(rows: list[dict]) -> tuple[dict, Counter]:
 
 def _image_uri(data: bytes) -> str | None:
     """Re-encode as PNG (decodable by any browser) or None if the bytes are not an image."""
+    buffer = io.BytesIO()
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            buffer = io.BytesIO()
-            image.convert("RGB").save(buffer, format="PNG")
+        decode_image(data).save(buffer, format="PNG")
     except Exception:  # PIL raises many kinds on corrupt data; any of them means "skip"
         return None
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
