@@ -7,10 +7,15 @@ Both customize one base model, trained from scratch on the mini world's pretrain
 cached by `cache_key` (so the demo and the study reuse each other's), with pairs retrieved from
 the knowledge base for the target tasks, or drawn from it (`random_subset`, `write_subset`) as
 controls. `react_vl.demo` and `react_vl.study` add what each does with them.
+
+Both hold to the same rules, fixed here before any run: REACT's precondition on the base
+(`check_precondition`, on the validation sets) and the rule that chooses a setting on the
+validation sets (`choose_gate_scale`; `CONTROL_TOLERANCE`).
 """
 
 import hashlib
 import json
+import operator
 import platform
 import shutil
 import time
@@ -22,11 +27,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .concepts import TARGET_TASKS
+from .concepts import ATTRIBUTE_CLASSES, MINI_TASKS, TARGET_TASKS
 from .utils import atomic_path, read_json, write_json
 from .world import WorldConfig
 
 BASE_CACHE = "~/.cache/react-vl"  # where trained base models are kept, for every demo and study to reuse
+CONTROL_TOLERANCE = 2.0  # points a control task may lose for a setting to be chosen (the demo's bar)
+# REACT's precondition: the base already knows the concepts, on the validation sets, before any
+# customization (what `check_precondition` measures)
+DOMINANT_STYLE = "photo"
+DOMINANT_MIN = 90.0  # zero-shot % of the dominant-style controls
+RARE_MIN_CHANCE_MULTIPLE = 2.0  # every rare-style task above this many times chance
+TARGET_MAX = 80.0  # zero-shot % a target may have: room left to gain
+PROMPT_COSINE_MAX = 0.8  # mean class-prompt cosine of every task: the text tower tells classes apart
+PRETRAIN_MAX_SECONDS = 600.0
 
 
 @dataclass
@@ -78,6 +92,80 @@ class StageClock:
         yield
         self.seconds[name] = round(time.time() - start, 1)
         print(f"== {name} done in {self.seconds[name]:.0f} s", flush=True)
+
+
+_COMPARE = {">=": operator.ge, ">": operator.gt, "<=": operator.le, "<": operator.lt}
+
+
+def check_precondition(val_scores: dict[str, float], pretrain_seconds: float,
+                       prompt_cosines: dict[str, float]) -> dict:
+    """REACT's precondition on a base model, from its zero-shot scores (percent) and mean class-prompt
+    cosines on the mini world's validation sets and its pretraining time: the dominant-style controls
+    known (>= DOMINANT_MIN), every rare-style task above RARE_MIN_CHANCE_MULTIPLE x chance, every
+    target with headroom (<= TARGET_MAX), every task's class prompts apart (< PROMPT_COSINE_MAX), and
+    pretraining within PRETRAIN_MAX_SECONDS. One record per criterion: its measured value, bar, pass."""
+    missing = sorted(set(MINI_TASKS) - set(val_scores)) + sorted(set(MINI_TASKS) - set(prompt_cosines))
+    if missing:
+        raise ValueError(f"the precondition needs every mini-world task's validation score and class-prompt "
+                         f"cosine; missing: {missing}")
+
+    def criterion(name, task, value, op, bar):
+        return {"criterion": name, "task": task, "value": round(float(value), 4), "op": op,
+                "bar": round(float(bar), 4), "passed": bool(_COMPARE[op](value, bar))}
+
+    criteria = []
+    for name, spec in MINI_TASKS.items():
+        if spec["style"] == DOMINANT_STYLE and spec["role"] == "control":
+            criteria.append(criterion("dominant-style control known (val zero-shot %)", name, val_scores[name],
+                                      ">=", DOMINANT_MIN))
+        if spec["style"] != DOMINANT_STYLE:
+            chance = 100.0 / len(ATTRIBUTE_CLASSES[spec["attribute"]])
+            criteria.append(criterion(f"rare style above {RARE_MIN_CHANCE_MULTIPLE:g}x chance (val zero-shot %)",
+                                      name, val_scores[name], ">", RARE_MIN_CHANCE_MULTIPLE * chance))
+        if spec["role"] == "target":
+            criteria.append(criterion("target has headroom (val zero-shot %)", name, val_scores[name],
+                                      "<=", TARGET_MAX))
+    criteria += [criterion("class prompts apart (mean cosine)", name, prompt_cosines[name], "<", PROMPT_COSINE_MAX)
+                 for name in MINI_TASKS]
+    criteria.append(criterion("pretraining time (s)", "base", pretrain_seconds, "<=", PRETRAIN_MAX_SECONDS))
+    return {"passed": all(c["passed"] for c in criteria), "split": "val", "criteria": criteria}
+
+
+def print_precondition(record: dict) -> None:
+    """The precondition as a short table, and a warning for each criterion the base fails."""
+    print("\nREACT's precondition (validation sets): " + ("met" if record["passed"] else "NOT met"))
+    for c in record["criteria"]:
+        print(f"  {'ok  ' if c['passed'] else 'FAIL'} {c['task']:<18} {c['criterion']}: "
+              f"{c['value']:g} (bar {c['op']} {c['bar']:g})")
+    for c in record["criteria"]:
+        if not c["passed"]:
+            print(f"WARNING: {c['task']}: {c['criterion']} is {c['value']:g}, the bar is {c['op']} {c['bar']:g}: "
+                  f"REACT improves a base that already knows the concepts; gains on this base may not show it")
+
+
+def choose_gate_scale(curve: dict[float, dict[str, float]], base_scores: dict[str, float],
+                      roles: dict[str, str]) -> dict:
+    """The gate scale lambda to use, chosen on the validation sets by a rule fixed before any run (the
+    rule `study.choose_schedule` applies to schedules): the largest mean target gain over base among
+    the lambdas whose every control task stays within CONTROL_TOLERANCE points of base; of equal
+    gains, the smallest lambda. curve: {lambda: {task: score in points}}; roles: {task: role}."""
+    targets = [t for t, role in roles.items() if role == "target"]
+    controls = [t for t, role in roles.items() if role == "control"]
+    if not targets:
+        raise ValueError(f"choosing a gate scale needs target tasks (tasks with role 'target'); roles: {roles}")
+    candidates = []
+    for lam in sorted(curve):
+        scores = curve[lam]
+        candidates.append({"gate_scale": lam,
+                           "target_change": round(float(np.mean([scores[t] - base_scores[t] for t in targets])), 3),
+                           "worst_control_change": round(min(scores[t] - base_scores[t] for t in controls), 3)
+                           if controls else None})
+    eligible = [c for c in candidates
+                if c["worst_control_change"] is None or c["worst_control_change"] >= -CONTROL_TOLERANCE]
+    chosen = max(eligible, key=lambda c: c["target_change"]) if eligible else None
+    return {"rule": f"largest mean target gain among the gate scales that keep every control task within "
+                    f"{CONTROL_TOLERANCE:g} points of base", "candidates": candidates,
+            "chosen": chosen and chosen["gate_scale"]}
 
 
 def pretrain_base(out: Path, config: ExperimentConfig, cache_dir: Path | None) -> Path:

@@ -9,9 +9,12 @@ Both alphas start at 0, so at injection time the model computes exactly what the
 computes. The block is registered as the child `gated_attn_block` of
 `visual.transformer.resblocks.N` (the released REACT checkpoints use these names) and is run
 by a forward pre-hook on that resblock, so the installed open_clip is used as it is.
+`scale_gates(model, lam)` multiplies both gates by lam at inference: from the base (0) to the
+trained model (1), trading target gain against forgetting.
 """
 
 from collections import OrderedDict
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -26,6 +29,7 @@ class GatedAttentionBlock(nn.Module):
                  act_layer: type[nn.Module] = nn.GELU, norm_layer: type[nn.Module] = nn.LayerNorm,
                  batch_first: bool = True):
         super().__init__()
+        self.gate_scale = 1.0  # lambda: an inference-time factor on both gates (scale_gates); never saved
         self.alpha_attn = nn.Parameter(torch.tensor(0.0))
         self.alpha_dense = nn.Parameter(torch.tensor(0.0))
         self.ln_1 = norm_layer(width)
@@ -40,8 +44,8 @@ class GatedAttentionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.ln_1(x)
-        x = x + self.alpha_attn.tanh() * self.attn(h, h, h, need_weights=False)[0]
-        x = x + self.alpha_dense.tanh() * self.mlp(self.ln_2(x))
+        x = x + self.gate_scale * self.alpha_attn.tanh() * self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.gate_scale * self.alpha_dense.tanh() * self.mlp(self.ln_2(x))
         return x
 
 
@@ -126,3 +130,27 @@ def gate_values(model: nn.Module) -> dict[int, dict[str, float]]:
     return {i: {"attn": float(resblocks[i].gated_attn_block.alpha_attn.detach().tanh()),
                 "dense": float(resblocks[i].gated_attn_block.alpha_dense.detach().tanh())}
             for i in gated_layers(model)}
+
+
+@contextmanager
+def scale_gates(model: nn.Module, lam: float):
+    """Within the block, every gated block adds lam * tanh(alpha) * its output (both gates):
+    lam = 0 computes exactly what the base model computes, lam = 1 the trained model. An
+    inference-time remedy for forgetting, traded against the target gain; the weights stay as saved."""
+    lam = float(lam)
+    if not 0.0 <= lam <= 1.0:
+        raise ValueError(f"gate scale must be in [0, 1] (0: the base model, 1: the trained model), got {lam}")
+    resblocks = _resblocks(model)
+    layers = gated_layers(model)
+    if not layers:
+        raise ValueError("gate scaling needs a model with gated blocks (a gated-image or gated-image-text "
+                         "checkpoint); this model has none")
+    blocks = [resblocks[i].gated_attn_block for i in layers]
+    previous = [block.gate_scale for block in blocks]
+    for block in blocks:
+        block.gate_scale = lam
+    try:
+        yield model
+    finally:
+        for block, scale in zip(blocks, previous):
+            block.gate_scale = scale
