@@ -12,6 +12,7 @@ from PIL import Image
 from react_vl.cli import main
 from react_vl.evaluate import (class_prompt_cosine, evaluate, extract_features, image_text_retrieval,
                                open_eval_data, parse_model_spec, text_classifier, zero_shot)
+from react_vl.gated import inject_gated_blocks
 from react_vl.models import load_model, save_model
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
@@ -184,6 +185,58 @@ def test_side_by_side_writes_tables_with_deltas_and_reuses_cached_features(tmp_p
     assert "| task | role | measure | base | same | other | Δ same | Δ other |" in (tmp_path / "EVAL" / "table.md").read_text()
     again = evaluate(models, [TASK], data=data, out=tmp_path / "EVAL", workers=0)
     assert again["cache_hits"] == 3 and again["zero_shot"] == results["zero_shot"]
+
+
+@pytest.fixture(scope="module")
+def gated_checkpoint(two_checkpoints):
+    """m0's weights plus gated blocks with open gates (as customization leaves them)."""
+    model, _, _ = load_model(None, str(two_checkpoints / "m0.pt"))
+    inject_gated_blocks(model, 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".gated_attn_block.alpha" in name:
+                param.fill_(1.0)
+    return save_model(two_checkpoints / "gated.pt", model, "mini-vit-test")
+
+
+def test_gate_scales_give_the_curve_from_the_base_to_the_trained_model(tmp_path, two_checkpoints, gated_checkpoint,
+                                                                         make_shards):
+    data = {"colors": str(make_shards(tmp_path / "eval", per_class=6))}
+    models = [f"base=@{two_checkpoints / 'm0.pt'}", f"gated=@{gated_checkpoint}"]
+    results = evaluate(models, [TASK], data=data, out=tmp_path / "EVAL", workers=0, gate_scales=[0, 0.5, 1])
+    assert list(results["models"]) == ["base", "gated", "gated@0", "gated@0.5", "gated@1"]  # the base has no gates
+    assert [results["models"][m]["gate_scale"] for m in results["models"]] == [None, None, 0.0, 0.5, 1.0]
+    zero = results["zero_shot"]["colors"]
+    assert zero["gated@0"] == zero["base"] and zero["gated@1"] == zero["gated"]
+    assert results["cache_hits"] == 1  # gated@1 is the saved model: its features; gated@0 and @0.5 are new
+    assert len(list((tmp_path / "EVAL" / "feature_cache").glob("*.npz"))) == 4
+    assert results["gate_scale_curve"] == {"gated": {lam: {"colors": round(100 * zero[f"gated@{lam:g}"]["score"], 2)}
+                                                     for lam in (0.0, 0.5, 1.0)}}
+    row = results["table"][0]
+    assert row["Δ gated@0"] == 0.0 and row["Δ gated@1"] == row["Δ gated"]
+    header = (tmp_path / "EVAL" / "table.md").read_text().splitlines()[0]
+    assert "| gated@0 | gated@0.5 | gated@1 |" in header and "| Δ gated@0.5 |" in header
+    with pytest.raises(ValueError, match="gate scale must be in"):
+        evaluate(models, [TASK], data=data, out=tmp_path / "EVAL", workers=0, gate_scales=[2])
+
+
+def test_cli_evaluate_chooses_the_gate_scale_on_the_validation_sets(tiny_world, two_checkpoints, gated_checkpoint,
+                                                                    tmp_path):
+    args = ["evaluate", "--model", f"base=@{two_checkpoints / 'm0.pt'}", "--model", f"gated=@{gated_checkpoint}",
+            "--task", "mini-shape-sketch", "--task", "mini-shape-photo", "--data", str(tiny_world),
+            "--out", str(tmp_path / "EVAL"), "--workers", "0", "--gate-scale", "0,0.5,1"]
+    result = CliRunner().invoke(main, args + ["--split", "val"])
+    assert result.exit_code == 0, result.output
+    choice = json.loads((tmp_path / "EVAL" / "gate_scale.json").read_text())["gated"]
+    assert [c["gate_scale"] for c in choice["candidates"]] == [0.0, 0.5, 1.0]
+    assert choice["candidates"][0]["target_change"] == 0.0  # lambda 0 is the base
+    assert choice["chosen"] in (0.0, 0.5, 1.0)
+    assert f"gate scale for gated: {choice['chosen']} (largest mean target gain" in result.output
+    on_test = CliRunner().invoke(main, args + ["--out", str(tmp_path / "TEST")])
+    assert on_test.exit_code == 0 and "choose lambda on the validation sets" in on_test.output
+    assert not (tmp_path / "TEST" / "gate_scale.json").exists()
+    bad = CliRunner().invoke(main, args[:-1] + ["0,1.5"])
+    assert bad.exit_code == 2 and "every gate scale must be in [0, 1]" in bad.output
 
 
 def test_cli_evaluate_prints_the_table(tmp_path, two_checkpoints, make_shards, monkeypatch):

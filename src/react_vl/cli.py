@@ -330,12 +330,16 @@ def customize(shards, gated_layers, **options):
 @click.option("--probe-seeds", default=3, help="Seeds per few-shot probe (mean and spread).")
 @click.option("--no-language-init", is_flag=True, help="Start probe heads at zero instead of the class-prompt "
                                                        "text embeddings.")
+@click.option("--gate-scale", "gate_scales", default="", callback=lambda ctx, param, value: _gate_scales(value),
+              help="Also evaluate every gated model with its gates scaled by each lambda in [0, 1], comma "
+                   "separated, e.g. 0,0.25,0.5,0.75,1 (0: the base, 1: the trained model), as LABEL@LAMBDA; "
+                   "with --split val, the lambda the rule chooses is printed and written to OUT/gate_scale.json.")
 @click.option("--out", default="EVAL", type=click.Path(file_okay=False), help="Folder for results, tables, chart.")
 @click.option("--batch-size", default=64, help="Images per forward pass.")
 @click.option("--workers", default=2, help="DataLoader worker processes decoding images.")
 @click.option("--device", default="auto", help="cpu, cuda, cuda:N or auto.")
 def evaluate(model_args, model_options, task_names, data, split, retrieval, probe_shots, probe_seeds,
-             no_language_init, out, batch_size, workers, device):
+             no_language_init, gate_scales, out, batch_size, workers, device):
     """Evaluate models on tasks: zero-shot, retrieval, linear probe, side by side.
 
     Models come as MODEL arguments and/or --model options (same LABEL=NAME@PRETRAINED syntax).
@@ -349,11 +353,42 @@ def evaluate(model_args, model_options, task_names, data, split, retrieval, prob
     results = evaluate_models(list(model_args) + list(model_options), list(task_names),
                               data=per_task or (shared[0] if shared else None), out=out, retrieval=retrieval,
                               probe_shots=shots, probe_seeds=probe_seeds, language_init=not no_language_init,
-                              batch_size=batch_size, workers=workers, device=device, split=split)
+                              batch_size=batch_size, workers=workers, device=device, split=split,
+                              gate_scales=gate_scales)
     click.echo(open(f"{results['out']}/table.md").read())
+    if results["gate_scale_curve"]:
+        _report_gate_scale(results, out)
     skipped = sum(len(reasons) for reasons in results["skipped"].values())
     click.echo(f"details: {out}/results.json, chart: {out}/chart.png; {skipped} unreadable samples skipped, "
                f"{results['cache_hits']} feature sets from the cache")
+
+
+def _gate_scales(value: str) -> list[float]:
+    try:
+        scales = [float(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers in [0, 1], e.g. 0,0.5,1; got {value!r}")
+    if any(not 0 <= lam <= 1 for lam in scales):
+        raise click.BadParameter(f"every gate scale must be in [0, 1] (0: the base, 1: the trained model); got {value!r}")
+    return scales
+
+
+def _report_gate_scale(results: dict, out: str) -> None:
+    """On the validation split: the lambda chosen per gated model (OUT/gate_scale.json); else a hint."""
+    from .experiment import choose_gate_scale
+    from .utils import write_json
+
+    roles = {task: role for task, role in results["roles"].items() if role}
+    if results["split"] != "val" or "target" not in roles.values():
+        click.echo("gate scale: choose lambda on the validation sets (--split val, tasks with target and control "
+                   "roles), never on the test sets")
+        return
+    reference = next(iter(results["models"]))
+    base = {task: 100 * by_model[reference]["score"] for task, by_model in results["zero_shot"].items()}
+    choices = {label: choose_gate_scale(curve, base, roles) for label, curve in results["gate_scale_curve"].items()}
+    write_json(choices, f"{out}/gate_scale.json")
+    for label, choice in choices.items():
+        click.echo(f"gate scale for {label}: {choice['chosen']} ({choice['rule']}, against {reference})")
 
 
 # --- demo / study ------------------------------------------------------------------------------

@@ -17,8 +17,12 @@ Evaluation data (`data`, per task) is one of
 Captioned retrieval sets (COCO/Flickr style) are a JSON list of {"image": path, "captions": [...]},
 a CSV with `image` and `caption` columns (one row per caption), or captioned shards.
 
-Image features are computed once per (model weights, data, preprocess) and cached under
-OUT/feature_cache, so adding a task or a model re-encodes only what is new.
+Image features are computed once per (model weights, gate scale, data, preprocess) and cached
+under OUT/feature_cache, so adding a task or a model re-encodes only what is new.
+
+`gate_scales=[0, 0.5, 1]` also evaluates every gated model with its gates scaled by each lambda
+(`react_vl.gated.scale_gates`: 0 is the base model, 1 the trained one) as models LABEL@LAMBDA:
+a curve of target gain against control loss from one trained model.
 """
 
 import csv
@@ -27,6 +31,7 @@ import io
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -40,6 +45,7 @@ from webdataset.tariterators import tarfile_samples
 
 from . import metrics
 from .data import IMAGE_EXTS, list_shards
+from .gated import gated_layers, scale_gates
 from .models import load_model
 from .probe import few_shot_probe, stratified_split
 from .utils import atomic_path, markdown_table, resolve_device, write_json
@@ -388,13 +394,15 @@ def task_data_path(data, task_name: str, split: str = "eval") -> str:
 
 def evaluate(models, tasks=(), data=None, out="EVAL", retrieval=(), probe_shots=(), probe_seeds: int = 3,
              language_init: bool = True, batch_size: int = 64, workers: int = 2, device="auto",
-             cache_dir=None, split: str = "eval") -> dict:
+             cache_dir=None, split: str = "eval", gate_scales=()) -> dict:
     """Evaluate every model on every task (and captioned set); write results, tables and a chart to `out`.
 
     models: model specs 'LABEL=NAME@PRETRAINED' (the first is the reference for deltas).
     tasks: task names or Task objects; data: a mini world, a dataset path, or {task: path}.
     split: "eval" (the test sets) or "val" (a mini world's validation sets, for choosing settings).
     retrieval: extra captioned sets (paths); probe_shots: e.g. [1, 5, "full"] (empty: no probe).
+    gate_scales: lambdas in [0, 1]; every gated model is also evaluated with its gates scaled by
+    each (`gated.scale_gates`), as models LABEL@LAMBDA, and results["gate_scale_curve"] holds the curve.
     """
     started, device = time.time(), resolve_device(device)
     out = Path(out)
@@ -405,40 +413,76 @@ def evaluate(models, tasks=(), data=None, out="EVAL", retrieval=(), probe_shots=
     tasks = [_resolve_task(t, data) for t in tasks]
     datasets = {t.name: task_data_path(data, t.name, split) for t in tasks}
     results = {"models": {}, "roles": {t.name: getattr(t, "role", None) or "" for t in tasks},
-               "zero_shot": {}, "retrieval": {}, "probe": {}, "skipped": {}, "cache_hits": 0}
+               "zero_shot": {}, "retrieval": {}, "probe": {}, "skipped": {}, "cache_hits": 0, "split": split}
     extract = {"batch_size": batch_size, "workers": workers, "device": device}
     for spec in specs:
         model, preprocess, tokenizer = load_model(spec.name, spec.pretrained, device=device)
         fingerprint = weights_fingerprint(model)
-        results["models"][spec.label] = {"model": model.react_vl["model"], "pretrained": spec.pretrained,
-                                         "gated_layers": model.react_vl["gated_layers"], "fingerprint": fingerprint}
-        for task in tasks:
-            features, hit = cached_features(model, preprocess, datasets[task.name], cache_dir, fingerprint,
-                                            list(task.classnames), desc=f"{spec.label}/{task.name}", **extract)
-            results["cache_hits"] += hit
-            results["skipped"][datasets[task.name]] = features.skipped
-            classifier = text_classifier(model, tokenizer, task, device)
-            results["zero_shot"].setdefault(task.name, {})[spec.label] = zero_shot(model, classifier, task, features)
-            recall = image_text_retrieval(model, tokenizer, features, device)
-            if recall:
-                results["retrieval"].setdefault(task.name, {})[spec.label] = recall
-            if probe_shots:
-                results["probe"].setdefault(task.name, {})[spec.label] = linear_probe(
-                    classifier if language_init else None, task, features, probe_shots, probe_seeds)
-        for captioned in retrieval:
-            features, hit = cached_features(model, preprocess, str(captioned), cache_dir, fingerprint,
-                                            desc=f"{spec.label}/{Path(captioned).name}", **extract)
-            results["cache_hits"] += hit
-            results["skipped"][str(captioned)] = features.skipped
-            recall = image_text_retrieval(model, tokenizer, features, device)
-            if recall is None:
-                raise ValueError(f"retrieval set {captioned} has no captions")
-            results["retrieval"].setdefault(Path(captioned).name, {})[spec.label] = recall
+        for label, lam in model_variants(spec.label, model, gate_scales):
+            if label in results["models"]:
+                raise ValueError(f"model label {label!r} is given twice (a gate-scaled model is LABEL@LAMBDA)")
+            results["models"][label] = {"model": model.react_vl["model"], "pretrained": spec.pretrained,
+                                        "gated_layers": model.react_vl["gated_layers"], "fingerprint": fingerprint,
+                                        "gate_scale": lam}
+            # lambda 1 computes exactly what the saved model computes: the same cache entry
+            key = fingerprint if lam in (None, 1.0) else f"{fingerprint}|gate_scale={lam!r}"
+            with scale_gates(model, lam) if lam is not None else nullcontext():
+                _evaluate_model(model, preprocess, tokenizer, label, key, tasks, datasets, retrieval, results,
+                                cache_dir, extract, probe=(probe_shots, probe_seeds, language_init))
+    results["gate_scale_curve"] = gate_scale_curve(results)
     results["seconds"] = round(time.time() - started, 2)
-    results["table"] = side_by_side_rows(results, [s.label for s in specs])
+    results["table"] = side_by_side_rows(results, list(results["models"]))
     results["out"] = str(out)
     write_outputs(results, out)
     return results
+
+
+def model_variants(label: str, model, gate_scales) -> list[tuple[str, float | None]]:
+    """The model as saved (lambda None) and, if it has gated blocks, LABEL@LAMBDA for every gate scale."""
+    if not gate_scales or not gated_layers(model):
+        return [(label, None)]
+    return [(label, None)] + [(f"{label}@{float(lam):g}", float(lam)) for lam in gate_scales]
+
+
+def _evaluate_model(model, preprocess, tokenizer, label, fingerprint, tasks, datasets, retrieval, results,
+                    cache_dir, extract, probe) -> None:
+    """One model's zero-shot, retrieval and probe results on every task and captioned set, into `results`."""
+    probe_shots, probe_seeds, language_init = probe
+    device = extract["device"]
+    for task in tasks:
+        features, hit = cached_features(model, preprocess, datasets[task.name], cache_dir, fingerprint,
+                                        list(task.classnames), desc=f"{label}/{task.name}", **extract)
+        results["cache_hits"] += hit
+        results["skipped"][datasets[task.name]] = features.skipped
+        classifier = text_classifier(model, tokenizer, task, device)
+        results["zero_shot"].setdefault(task.name, {})[label] = zero_shot(model, classifier, task, features)
+        recall = image_text_retrieval(model, tokenizer, features, device)
+        if recall:
+            results["retrieval"].setdefault(task.name, {})[label] = recall
+        if probe_shots:
+            results["probe"].setdefault(task.name, {})[label] = linear_probe(
+                classifier if language_init else None, task, features, probe_shots, probe_seeds)
+    for captioned in retrieval:
+        features, hit = cached_features(model, preprocess, str(captioned), cache_dir, fingerprint,
+                                        desc=f"{label}/{Path(captioned).name}", **extract)
+        results["cache_hits"] += hit
+        results["skipped"][str(captioned)] = features.skipped
+        recall = image_text_retrieval(model, tokenizer, features, device)
+        if recall is None:
+            raise ValueError(f"retrieval set {captioned} has no captions")
+        results["retrieval"].setdefault(Path(captioned).name, {})[label] = recall
+
+
+def gate_scale_curve(results: dict) -> dict:
+    """Per gated model evaluated at gate scales: {label: {lambda: {task: zero-shot score in points}}}."""
+    curve = {}
+    for label, info in results["models"].items():
+        if info["gate_scale"] is None:
+            continue
+        base_label = label.rsplit("@", 1)[0]
+        curve.setdefault(base_label, {})[info["gate_scale"]] = {
+            task: round(100 * by_model[label]["score"], 2) for task, by_model in results["zero_shot"].items()}
+    return curve
 
 
 def side_by_side_rows(results: dict, labels: list[str]) -> list[dict]:
