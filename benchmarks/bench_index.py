@@ -18,11 +18,12 @@ autofaiss venv: python -m venv /work/venv-autofaiss && /work/venv-autofaiss/bin/
 """
 
 import argparse
+import contextlib
 import json
-import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def main():
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--autofaiss-python", default="/work/venv-autofaiss/bin/python")
-    parser.add_argument("--child", choices=["one", "blocks"], help=argparse.SUPPRESS)  # one build, in this process
+    parser.add_argument("--child", choices=["one", "blocks", "search"], help=argparse.SUPPRESS)  # one step
     parser.add_argument("--kb", help=argparse.SUPPRESS)
     parser.add_argument("--eval", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -110,58 +111,82 @@ def main():
 
 
 def compare_blocks(args, kb, queries, truth_ids, tmp):
-    """The same factory built in one piece and in blocks merged on disk, each in its own process."""
+    """The same factory built in one piece and in blocks merged on disk; each build, and each search
+    of what it wrote, in a process of its own, so each peak RSS is that step's own."""
     table = factory_table(400_000_000, 512, ["4GB", "16GB", "32GB", "64GB"])
     print("\nfactory rule at 400M x 512:\n" + "\n".join(table))
     np.save(tmp / "queries.npy", queries)
     np.save(tmp / "truth.npy", truth_ids)
     results = {}
     for how in ("one", "blocks"):
-        out = subprocess.run([sys.executable, __file__, "--child", how, "--kb", str(kb.path), "--eval", str(tmp),
-                              "--factory", args.factory, "--blocks", str(args.blocks),
-                              "--processes", str(args.processes), "--k", str(args.k)],
-                             capture_output=True, text=True, check=False)
-        if out.returncode:
-            sys.exit(f"the {how} build failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
-        results[how] = json.loads(out.stdout.strip().splitlines()[-1])
-        results[how]["found"] = np.load(tmp / f"found_{how}.npy")
-    print(f"\n{args.factory}, k={args.k}, blocks: {args.blocks} filled by {args.processes} processes")
+        results[how] = _child(args, kb, tmp, how)
+        results[how].update(_child(args, kb, tmp, "search"), found=np.load(tmp / "found.npy"))
+    print(f"\n{args.factory}, k={args.k}, blocks: {args.blocks} filled by {args.processes} processes; "
+          f"searched with {args.queries} queries in a fresh process. Memory in MiB: peak anonymous RSS (sampled "
+          f"every 0.1 s; memory-mapped file pages are page cache, not counted) and VmHWM (peak RSS with them)")
     print(f"{'build':8s} {'params':34s} {'tuned r@k':>9s} {'fresh r@k':>9s} {'ms/query':>9s} {'build s':>8s} "
-          f"{'peak MiB':>9s} {'worker MiB':>10s} {'RSS loaded':>10s} {'MiB on disk':>11s}")
+          f"{'build anon':>10s} {'build HWM':>9s} {'worker anon':>11s} {'search anon':>11s} {'search HWM':>10s} "
+          f"{'MiB on disk':>11s}")
     for how, r in results.items():
         print(f"{how:8s} {r['params']:34s} {r['tuned_recall']:9.3f} {r['recall']:9.3f} {r['latency_ms']:9.3f} "
-              f"{r['build_s']:8.1f} {r['peak_mib']:9.0f} {r['worker_peak_mib']:10.0f} {r['loaded_rss_mib']:10.0f} "
-              f"{r['size_mib']:11.1f}", flush=True)
+              f"{r['build_s']:8.1f} {r['anon_mib']:10.0f} {r['hwm_mib']:9.0f} {r['worker_anon_mib']:11.0f} "
+              f"{r['search_anon_mib']:11.0f} {r['search_hwm_mib']:10.0f} {r['size_mib']:11.1f}", flush=True)
     one, blocks = results["one"], results["blocks"]
-    same = np.mean(one["found"] == blocks["found"])
-    print(f"blocks/one: recall ratio {blocks['recall'] / one['recall']:.3f}, identical result ids {same:.3f}, "
-          f"build-time ratio {blocks['build_s'] / one['build_s']:.2f}, peak-RSS ratio (main process) "
-          f"{blocks['peak_mib'] / one['peak_mib']:.2f}, loaded-RSS ratio "
-          f"{blocks['loaded_rss_mib'] / one['loaded_rss_mib']:.2f}")
+    print(f"blocks/one: recall ratio {blocks['recall'] / one['recall']:.3f}, identical result ids "
+          f"{np.mean(one['found'] == blocks['found']):.3f}, build-time ratio {blocks['build_s'] / one['build_s']:.2f}, "
+          f"build anon-RSS ratio (main process) {blocks['anon_mib'] / one['anon_mib']:.2f}, "
+          f"search anon-RSS ratio {blocks['search_anon_mib'] / one['search_anon_mib']:.2f}")
+
+
+def _child(args, kb, tmp, step):
+    out = subprocess.run([sys.executable, __file__, "--child", step, "--kb", str(kb.path), "--eval", str(tmp),
+                          "--factory", args.factory, "--blocks", str(args.blocks),
+                          "--processes", str(args.processes), "--k", str(args.k)],
+                         capture_output=True, text=True, check=False)
+    if out.returncode:
+        sys.exit(f"the {step} step failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def child_build(args):
-    """One build of --factory over --kb in this process; prints its figures as one JSON line."""
+    """One step in this process: build --factory over --kb (one / blocks), or search what was built;
+    prints its figures as one JSON line."""
     kb = KnowledgeBase(args.kb)
+    if args.child == "search":
+        index = load_index(kb, "image")
+        queries, truth = np.load(Path(args.eval) / "queries.npy"), np.load(Path(args.eval) / "truth.npy")
+        recall, latency = measure(index, queries, truth, k=args.k)
+        np.save(Path(args.eval) / "found.npy", index.search(queries, args.k)[1])
+        print(json.dumps({"recall": recall, "latency_ms": latency, "search_anon_mib": _status_mib("RssAnon"),
+                          "search_hwm_mib": _status_mib("VmHWM")}))
+        return
+    peaks, stop = {}, threading.Event()
+    watcher = threading.Thread(target=_watch, args=(peaks, stop))
+    watcher.start()
     shards = {"one": 1, "blocks": args.blocks}[args.child]
     infos = build_index(kb, "image", factory=args.factory, k=args.k, shards=shards, processes=args.processes)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    index = load_index(kb, "image")
-    queries, truth = np.load(Path(args.eval) / "queries.npy"), np.load(Path(args.eval) / "truth.npy")
-    recall, latency = measure(index, queries, truth, k=args.k)
-    _, found = index.search(queries, args.k)
-    np.save(Path(args.eval) / f"found_{args.child}.npy", found)
+    stop.set()
+    watcher.join()
     print(json.dumps({"params": infos["params"], "tuned_recall": infos[f"recall_at_{args.k}"],
-                      "recall": recall, "latency_ms": latency, "build_s": infos["build_s"], "peak_mib": peak,
-                      "worker_peak_mib": workers, "loaded_rss_mib": _rss_mib(),
-                      "size_mib": infos["size_bytes"] / 2**20, "on_disk": infos["on_disk"]}))
+                      "build_s": infos["build_s"], "anon_mib": peaks.pop("self"), "hwm_mib": _status_mib("VmHWM"),
+                      "worker_anon_mib": max(peaks.values(), default=0), "size_mib": infos["size_bytes"] / 2**20}))
 
 
-def _rss_mib() -> float:
-    """This process's resident memory now (an on-disk index's lists count only as far as they were read)."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS")) / 1024
+def _watch(peaks: dict, stop: threading.Event):
+    """Keep the peak anonymous RSS of this process and of each child (block worker) while the build runs."""
+    while True:
+        children = [pid for tasks in Path("/proc/self/task").glob("*/children") for pid in tasks.read_text().split()]
+        for pid in ["self", *children]:
+            with contextlib.suppress(OSError, StopIteration):
+                peaks[pid] = max(peaks.get(pid, 0), _status_mib("RssAnon", pid))
+        if stop.wait(0.1):
+            return
+
+
+def _status_mib(field: str, pid: str = "self") -> float:
+    """A memory figure of /proc/PID/status in MiB (RssAnon: anonymous memory now, VmHWM: peak RSS)."""
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field)) / 1024
 
 
 def compare_autofaiss(args, kb, queries, truth_ids, tmp):
