@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from react_vl.demo import RANDOM_CONTROL, DemoConfig, run_demo
-from react_vl.experiment import cache_key, pretrain_base
+from react_vl.experiment import cache_key, check_precondition, pretrain_base
 
 
 @pytest.mark.slow
@@ -25,8 +25,8 @@ def test_shrunken_demo_runs_every_stage(tiny_world, tiny_world_config, tmp_path,
         assert row["metric"] == "accuracy"
         for label in ("base", "gated-image", "locked-text", RANDOM_CONTROL):
             assert 0.0 <= row[label] <= 100.0
-    assert set(written["stages"]) == {"world", "pretrain", "embed", "index", "retrieve", "materialize",
-                                      "customize", "evaluate", "report"}
+    assert set(written["stages"]) == {"world", "pretrain", "embed", "index", "precondition", "retrieve",
+                                      "materialize", "customize", "evaluate", "report"}
     assert 0 < written["retrieved"] <= 2 * 8 * 10  # two target tasks, 8 classes, per_class 10
     assert (tmp_path / "report.html").stat().st_size > 10_000
     # what the training sets truly hold, from the world's ground truth: retrieval beats the random draw
@@ -38,9 +38,16 @@ def test_shrunken_demo_runs_every_stage(tiny_world, tiny_world_config, tmp_path,
         assert 0 <= truth["retrieved"][task]["class_precision"] <= 1
     assert sum(truth["retrieved"][t]["style_share"] for t in ("mini-shape-sketch", "mini-color-night")) > \
         sum(truth["random"][t]["style_share"] for t in ("mini-shape-sketch", "mini-color-night"))
-    # the text-tower check: printed for the targets before customizing, recorded for every model
+    # REACT's precondition, on the validation sets before customizing: printed, a warning per failed criterion
     printed = capsys.readouterr().out
-    assert all(f"{task}: mean cosine between class prompts" in printed for task in ("mini-shape-sketch", "mini-color-night"))
+    precondition = written["precondition"]
+    assert "REACT's precondition (validation sets): " + ("met" if precondition["passed"] else "NOT met") in printed
+    failed = [c for c in precondition["criteria"] if not c["passed"]]
+    assert printed.count("WARNING: ") == len(failed) and precondition["passed"] == (not failed)
+    assert (tmp_path / "precondition" / "results.json").is_file()
+    val_counts = [r["base"]["count"] for r in
+                  json.loads((tmp_path / "precondition" / "results.json").read_text())["zero_shot"].values()]
+    assert val_counts == [tiny_world_config.val_size] * 5
     cosines = written["class_prompt_cosine"]
     assert set(cosines) == set(roles)
     assert all(-1 <= value <= 1 for by_model in cosines.values() for value in by_model.values())
@@ -75,3 +82,40 @@ def test_demo_and_study_commands_pass_the_base_model_options(monkeypatch):
     assert seen["demo"].mix_ratio == DemoConfig().mix_ratio > 0
     assert seen["study"] == StudyConfig(base_steps=7, base_batch=512)  # the study's own short schedule
     assert cache_key(seen["demo"]) == cache_key(seen["study"])  # one cached base model serves both
+
+
+# a base that meets REACT's precondition on the validation sets (8 classes per task: chance 12.5%)
+MET = {"scores": {"mini-shape-sketch": 60.0, "mini-color-night": 45.0, "mini-shape-photo": 95.0,
+                  "mini-color-photo": 92.0, "mini-shape-pixel": 70.0},
+       "cosines": {"mini-shape-sketch": 0.5, "mini-color-night": 0.6, "mini-shape-photo": 0.4,
+                   "mini-color-photo": 0.3, "mini-shape-pixel": 0.7}}
+
+
+def test_precondition_records_every_criterion_with_its_value_and_bar():
+    record = check_precondition(MET["scores"], 420.0, MET["cosines"])
+    assert record["passed"] and record["split"] == "val"
+    by_key = {(c["task"], c["criterion"].split(" (")[0]): c for c in record["criteria"]}
+    assert {task for task, _ in by_key} == set(MET["scores"]) | {"base"}
+    assert by_key[("mini-shape-photo", "dominant-style control known")] == {
+        "criterion": "dominant-style control known (val zero-shot %)", "task": "mini-shape-photo", "value": 95.0,
+        "op": ">=", "bar": 90.0, "passed": True}
+    rare = [c for c in record["criteria"] if c["criterion"].startswith("rare style")]
+    assert sorted(c["task"] for c in rare) == ["mini-color-night", "mini-shape-pixel", "mini-shape-sketch"]
+    assert {c["bar"] for c in rare} == {25.0}  # 2 x chance of 8 classes
+    assert sorted(c["task"] for c in record["criteria"] if c["criterion"].startswith("target has headroom")) == \
+        ["mini-color-night", "mini-shape-sketch"]
+    assert by_key[("base", "pretraining time")]["value"] == 420.0
+
+
+def test_precondition_fails_each_criterion_the_base_misses():
+    scores = {**MET["scores"], "mini-shape-photo": 59.9, "mini-shape-pixel": 25.0, "mini-shape-sketch": 85.0}
+    cosines = {**MET["cosines"], "mini-shape-sketch": 0.993}
+    record = check_precondition(scores, 601.0, cosines)
+    failed = {(c["task"], c["criterion"].split(" (")[0]) for c in record["criteria"] if not c["passed"]}
+    assert not record["passed"]
+    assert failed == {("mini-shape-photo", "dominant-style control known"),
+                      ("mini-shape-pixel", "rare style above 2x chance"),  # 25.0 is not above 2 x 12.5
+                      ("mini-shape-sketch", "target has headroom"), ("mini-shape-sketch", "class prompts apart"),
+                      ("base", "pretraining time")}
+    with pytest.raises(ValueError, match=r"missing: \['mini-color-night'\]"):
+        check_precondition({k: v for k, v in scores.items() if k != "mini-color-night"}, 1.0, cosines)

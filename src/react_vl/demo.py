@@ -3,7 +3,8 @@
 The mini world stands in for LAION and a small CLIP trained here from scratch stands in for
 OpenAI's. Every step goes through the same stage functions (and files) a GPU user runs:
 
-    world -> pretrain base (strategy `full`, cached) -> embed KB -> index -> retrieve (both modes)
+    world -> pretrain base (strategy `full`, cached) -> embed KB -> index -> check REACT's
+    precondition on the base (validation sets) -> retrieve (both modes)
     -> materialize -> customize (gated-image, locked-text, and gated-image on a random subset of
     the same size as a control; 600 steps, half of every batch general pairs) -> evaluate base
     vs customized on target and control tasks
@@ -19,13 +20,11 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .concepts import ATTRIBUTE_CLASSES, CONTROL_TASKS, MINI_TASKS, TARGET_TASKS
-from .experiment import (BASE_CACHE, ExperimentConfig, StageClock, prepare, random_subset, retrieve_targets,
-                         versions)
-from .utils import write_json
+from .experiment import (BASE_CACHE, ExperimentConfig, StageClock, check_precondition, prepare, print_precondition,
+                         random_subset, retrieve_targets, versions)
+from .utils import read_json, write_json
 
 RANDOM_CONTROL = "gated-image (random subset)"
-# Above this mean class-prompt cosine the base's text tower does not tell a task's classes apart.
-COLLAPSED_CLASS_PROMPTS = 0.9
 
 
 @dataclass
@@ -43,23 +42,19 @@ class DemoConfig(ExperimentConfig):
     random_control: bool = True
 
 
-def check_class_prompts(base: Path) -> dict:
-    """Mean cosine between the class embeddings of each target task under the base's text tower.
-    REACT presumes a text tower that already tells the classes apart: with it locked, collapsed
-    class prompts give customization no distinct targets, so say so before spending the time."""
-    from .evaluate import class_prompt_cosine, text_classifier
-    from .models import load_model
-    from .tasks import get_task
+def base_precondition(demo_dir: Path, base: Path, workers: int) -> dict:
+    """REACT's precondition on the base, before any customization: its zero-shot scores and class-prompt
+    cosines on the world's validation sets (never the test sets) and its pretraining time, checked by
+    `experiment.check_precondition`; printed as a table, with a warning for each failed criterion."""
+    from .evaluate import evaluate
 
-    model, _, tokenizer = load_model(None, str(base))
-    cosines = {name: round(class_prompt_cosine(text_classifier(model, tokenizer, get_task(name), "cpu")), 4)
-               for name in TARGET_TASKS}
-    for name, cosine in cosines.items():
-        collapsed = cosine > COLLAPSED_CLASS_PROMPTS
-        print(f"{'WARNING: ' if collapsed else ''}{name}: mean cosine between class prompts {cosine:.3f}"
-              + (" - the base's text tower does not tell these classes apart, so customizing with it locked "
-                 "has no distinct targets: REACT needs a base that already knows the concepts" if collapsed else ""))
-    return cosines
+    results = evaluate([f"base=@{base}"], TARGET_TASKS + CONTROL_TASKS, data=str(demo_dir / "world"),
+                       out=demo_dir / "precondition", workers=workers, split="val")
+    scores = {name: 100 * by_model["base"]["score"] for name, by_model in results["zero_shot"].items()}
+    cosines = {name: by_model["base"]["class_prompt_cosine"] for name, by_model in results["zero_shot"].items()}
+    record = check_precondition(scores, read_json(base.parent / "summary.json")["time_s"], cosines)
+    print_precondition(record)
+    return record
 
 
 def ground_truth(selected: Path) -> dict:
@@ -93,7 +88,8 @@ def run_demo(out: str | Path = "react-vl-demo", config: DemoConfig | None = None
     started = time.time()
 
     base, kb = prepare(demo_dir, config, cache_dir, clock)
-    check_class_prompts(base)
+    with clock("precondition", "check REACT's precondition on the base (validation sets)"):
+        precondition = base_precondition(demo_dir, base, config.workers)
     merged, count = training_sets(demo_dir, kb, config, clock)
     runs = customize_runs(demo_dir, base, config, clock)
     models = [f"base=@{base}"] + [f"{label}=@{demo_dir / 'runs' / _slug(label) / 'model.pt'}" for label in runs]
@@ -101,7 +97,7 @@ def run_demo(out: str | Path = "react-vl-demo", config: DemoConfig | None = None
         results = evaluate(models, TARGET_TASKS + CONTROL_TASKS, data=str(demo_dir / "world"),
                            out=demo_dir / "eval", workers=config.workers)
 
-    summary = demo_summary(demo_dir, config, results, ["base", *runs], count, merged, clock)
+    summary = demo_summary(demo_dir, config, results, ["base", *runs], count, merged, clock, precondition)
     write_json(summary, demo_dir / "summary.json")
     with clock("report", "write the HTML report"):
         write_report(demo_dir)
@@ -150,9 +146,9 @@ def customize_runs(demo_dir: Path, base: Path, config: DemoConfig, clock: StageC
 
 
 def demo_summary(demo_dir: Path, config: DemoConfig, results: dict, labels: list[str], retrieved: int,
-                 merged: Path, clock: StageClock) -> dict:
+                 merged: Path, clock: StageClock, precondition: dict) -> dict:
     """What DEMO/summary.json holds: every model's score per task, what the training sets hold,
-    the class-prompt check, stage times, settings and versions."""
+    the class-prompt cosines, REACT's precondition on the base, stage times, settings and versions."""
     from .tasks import get_task
 
     return {
@@ -160,6 +156,7 @@ def demo_summary(demo_dir: Path, config: DemoConfig, results: dict, labels: list
                          **{label: round(100 * results["zero_shot"][name][label]["score"], 2) for label in labels}}
                   for name in TARGET_TASKS + CONTROL_TASKS},
         "stages": clock.seconds,
+        "precondition": precondition,
         "retrieved": retrieved,
         "class_prompt_cosine": {name: {label: round(result["class_prompt_cosine"], 4) for label, result in by_model.items()}
                                 for name, by_model in results["zero_shot"].items()},
@@ -180,3 +177,6 @@ def print_table(summary: dict) -> None:
     for name, row in summary["tasks"].items():
         cells = [f"{row['base']:.1f}"] + [f"{row[l]:.1f} ({row[l] - row['base']:+.1f})" for l in labels[1:]]
         print(" | ".join([name, row["role"], *cells]))
+    failed = [f"{c['task']} {c['criterion']}" for c in summary["precondition"]["criteria"] if not c["passed"]]
+    print("REACT's precondition on the base (validation sets): "
+          + (f"NOT met: {'; '.join(failed)}" if failed else "met"))
