@@ -14,7 +14,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import webdataset as wds
 from PIL import Image
 
 from react_vl.data import CorpusFormatError, ParquetColumns, SkipLog, iter_corpus, list_shards
@@ -31,18 +30,13 @@ def png_bytes(rng, size=24) -> bytes:
     return buffer.getvalue()
 
 
-def make_shards(folder: Path, shards: int, per_shard: int, seed: int = 0) -> list[Path]:
-    """webdataset shards of random images with captions and a json sidecar (KEY.png/txt/json)."""
+def make_shards(write_shards, folder: Path, shards: int, per_shard: int, seed: int = 0) -> list[Path]:
+    """webdataset shards kb-NNNNNN.tar of random images with captions and a json sidecar (KEY.png/txt/json),
+    written by conftest's `write_shards`; keys s{shard}-{index}."""
     rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in range(shards):
-        paths.append(folder / f"kb-{s:06d}.tar")
-        with wds.TarWriter(str(paths[-1])) as sink:
-            for i in range(per_shard):
-                sink.write({"__key__": f"s{s}-{i:04d}", "png": png_bytes(rng), "txt": f"a red circle number {i}",
-                            "json": json.dumps({"shard": s, "index": i})})
-    return paths
+    return [path for s in range(shards) for path in write_shards(
+        folder, [{"__key__": f"s{s}-{i:04d}", "png": png_bytes(rng), "txt": f"a red circle number {i}",
+                  "json": json.dumps({"shard": s, "index": i})} for i in range(per_shard)], prefix="kb", first=s)]
 
 
 def run_cli(*args, **kwargs) -> subprocess.Popen:
@@ -51,8 +45,8 @@ def run_cli(*args, **kwargs) -> subprocess.Popen:
                             stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def test_list_shards_expands_braces_globs_and_folders(tmp_path):
-    make_shards(tmp_path / "c", 3, 1)
+def test_list_shards_expands_braces_globs_and_folders(tmp_path, write_shards):
+    make_shards(write_shards, tmp_path / "c", 3, 1)
     expected = [str((tmp_path / "c" / f"kb-{s:06d}.tar").resolve()) for s in range(3)]
     assert list_shards(str(tmp_path / "c" / "kb-{000000..000002}.tar")) == expected
     assert list_shards(str(tmp_path / "c" / "*.tar")) == expected
@@ -61,9 +55,9 @@ def test_list_shards_expands_braces_globs_and_folders(tmp_path):
         list_shards(str(tmp_path / "c" / "kb-{000000..000009}.tar"))
 
 
-def test_parquet_and_image_folder_read_the_same_pairs_as_tar(tmp_path):
+def test_parquet_and_image_folder_read_the_same_pairs_as_tar(tmp_path, write_shards):
     """One corpus in five forms: tar, tar by fsspec URL, parquet with bytes or paths, image folder."""
-    (shard,) = make_shards(tmp_path / "tar", 1, 5)
+    (shard,) = make_shards(write_shards, tmp_path / "tar", 1, 5)
     pairs = list(iter_corpus(str(shard)))
     folder = tmp_path / "folder" / "00000"
     folder.mkdir(parents=True)
@@ -94,8 +88,8 @@ def test_parquet_and_image_folder_read_the_same_pairs_as_tar(tmp_path):
         list(iter_corpus(str(tmp_path / "bytes.parquet")))
 
 
-def test_pipe_corpus_embeds_as_its_local_path_and_a_failing_command_is_counted(tmp_path):
-    shards = make_shards(tmp_path / "c", 2, 4)
+def test_pipe_corpus_embeds_as_its_local_path_and_a_failing_command_is_counted(tmp_path, write_shards):
+    shards = make_shards(write_shards, tmp_path / "c", 2, 4)
     piped = "pipe:cat " + str(tmp_path / "c" / "kb-{000000..000001}.tar")
     assert list_shards(piped) == [f"pipe:cat {shard}" for shard in shards]
     for corpus, out in ((str(tmp_path / "c"), "kb_local"), (piped, "kb_pipe")):
@@ -112,13 +106,13 @@ def test_pipe_corpus_embeds_as_its_local_path_and_a_failing_command_is_counted(t
     assert skips.counts["corrupt shard"] == 1 and "exit 1" in skips.listed["corrupt shard"][0]
 
 
-def test_embed_writes_normalised_kb_and_counts_skips(tmp_path):
+def test_embed_writes_normalised_kb_and_counts_skips(tmp_path, write_shards):
     rng = np.random.default_rng(1)
-    good, truncated = make_shards(tmp_path / "c", 2, 6)
-    with wds.TarWriter(str(tmp_path / "c" / "kb-000002.tar")) as sink:  # one shard of bad pairs
-        sink.write({"__key__": "broken", "png": png_bytes(rng)[:40], "txt": "a cut-off image"})
-        sink.write({"__key__": "silent", "png": png_bytes(rng)})
-        sink.write({"__key__": "fine", "png": png_bytes(rng), "txt": "a good pair"})
+    good, truncated = make_shards(write_shards, tmp_path / "c", 2, 6)
+    write_shards(tmp_path / "c", [{"__key__": "broken", "png": png_bytes(rng)[:40], "txt": "a cut-off image"},
+                                  {"__key__": "silent", "png": png_bytes(rng)},
+                                  {"__key__": "fine", "png": png_bytes(rng), "txt": "a good pair"}],
+                 prefix="kb", first=2)  # one shard of bad pairs
     data = truncated.read_bytes()
     truncated.write_bytes(data[: len(data) * 2 // 3])  # a shard cut off mid-way: its head still counts
     (tmp_path / "c" / "kb-000003.tar").write_bytes(b"not a tar file at all" * 50)
@@ -158,8 +152,8 @@ def test_embed_writes_normalised_kb_and_counts_skips(tmp_path):
         embed_corpus(str(tmp_path / "c"), MODEL, None, tmp_path / "kb", precision="bf16", progress=False)
 
 
-def test_bf16_autocast_embeddings_agree_with_fp32_and_say_how_they_were_made(tmp_path):
-    make_shards(tmp_path / "c", 1, 16)
+def test_bf16_autocast_embeddings_agree_with_fp32_and_say_how_they_were_made(tmp_path, write_shards):
+    make_shards(write_shards, tmp_path / "c", 1, 16)
     kbs = {}
     for precision in ("fp32", "bf16"):
         summary = embed_corpus(str(tmp_path / "c"), MODEL, None, tmp_path / precision, batch_size=8, workers=0,
@@ -173,9 +167,10 @@ def test_bf16_autocast_embeddings_agree_with_fp32_and_say_how_they_were_made(tmp
         assert cosines.min() > 0.99 and not np.array_equal(exact, low), (kind, cosines.min())
 
 
-def test_resume_after_sigkill_gives_identical_kb(tmp_path):
+@pytest.mark.slow
+def test_resume_after_sigkill_gives_identical_kb(tmp_path, write_shards):
     shards, per_shard = 6, 16
-    make_shards(tmp_path / "c", shards, per_shard)
+    make_shards(write_shards, tmp_path / "c", shards, per_shard)
     args = [str(tmp_path / "c"), "--model", "mini-vit", "--batch-size", "4", "--workers", "1"]
     killed = run_cli("embed", *args, "--out", str(tmp_path / "kb"))
     first_part = tmp_path / "kb" / "metadata" / "metadata_0.parquet"
@@ -201,10 +196,12 @@ def test_resume_after_sigkill_gives_identical_kb(tmp_path):
     assert not list((tmp_path / "kb").rglob("*.tmp"))
 
 
-def test_torchrun_two_processes_equal_one(tmp_path):
-    make_shards(tmp_path / "c", 3, 10)
+@pytest.mark.slow
+def test_torchrun_two_processes_equal_one(tmp_path, write_shards, free_port):
+    make_shards(write_shards, tmp_path / "c", 3, 10)
     torchrun = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "react_vl.cli", "embed",
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port),
+         "-m", "react_vl.cli", "embed",
          str(tmp_path / "c"), "--model", MODEL, "--out", str(tmp_path / "kb2"), "--batch-size", "4",
          "--workers", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     embed_corpus(str(tmp_path / "c"), MODEL, None, tmp_path / "kb1", batch_size=4, workers=0, progress=False)
@@ -228,7 +225,7 @@ def test_skip_log_counts_exactly_and_lists_a_bounded_sample():
     assert merged.counts["no caption"] == 3000 and len(merged.listed["no caption"]) == 1000
 
 
-def test_text_tower_fingerprint_recorded_and_other_weights_refused(tmp_path):
+def test_text_tower_fingerprint_recorded_and_other_weights_refused(tmp_path, write_shards):
     from react_vl.models import save_model, text_tower_fingerprint
 
     torch.manual_seed(0)
@@ -238,7 +235,7 @@ def test_text_tower_fingerprint_recorded_and_other_weights_refused(tmp_path):
     with torch.no_grad():
         model.visual.conv1.weight.add_(1)
     assert text_tower_fingerprint(model) == before  # the image tower is not part of it
-    make_shards(tmp_path / "c", 2, 3)
+    make_shards(write_shards, tmp_path / "c", 2, 3)
     embed_corpus(str(tmp_path / "c" / "kb-000000.tar"), MODEL, str(ckpt), tmp_path / "kb", workers=0, progress=False)
     assert KnowledgeBase(tmp_path / "kb").info["text_tower_sha256"] == before
 

@@ -25,10 +25,10 @@ MODEL = "mini-vit-test"
 
 
 @pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
+def embedded(tmp_path_factory, write_shards):
     """A KB react-vl embedded: 3 parts of 12 pairs with urls."""
     root = tmp_path_factory.mktemp("embedded")
-    make_shards(root / "corpus", 3, 12)
+    make_shards(write_shards, root / "corpus", 3, 12)
     embed_corpus(str(root / "corpus"), MODEL, None, root / "kb", batch_size=16, workers=0, precision="fp32",
                  progress=False)
     return root / "kb"
@@ -213,17 +213,15 @@ def test_transparency_is_composited_on_white():
     assert decode_image(buffer.getvalue()).getpixel((0, 0)) == (255, 255, 255)
 
 
-def test_embed_counts_pil_warnings_instead_of_printing_them(tmp_path, recwarn):
+def test_embed_counts_pil_warnings_instead_of_printing_them(tmp_path, recwarn, write_shards):
     """A 90M-pixel image (over PIL's MAX_IMAGE_PIXELS: warned), one over twice that (refused by PIL: a
     skip) and palette PNGs with transparency, through embed: counted in the summary, none printed."""
     rng = np.random.default_rng(0)
-    (tmp_path / "c").mkdir()
-    with wds.TarWriter(str(tmp_path / "c" / "clipart-000000.tar")) as sink:
-        sink.write({"__key__": "large", "png": big_png(9500), "txt": "a large flat image"})
-        sink.write({"__key__": "bomb", "png": big_png(13500), "txt": "an image PIL refuses"})
-        for i in range(3):
-            sink.write({"__key__": f"clip{i}", "png": palette_png(bytes([0, 128, 255])), "txt": f"clip art {i}"})
-        sink.write({"__key__": "plain", "png": png_bytes(rng), "txt": "a plain image"})
+    write_shards(tmp_path / "c", [
+        {"__key__": "large", "png": big_png(9500), "txt": "a large flat image"},
+        {"__key__": "bomb", "png": big_png(13500), "txt": "an image PIL refuses"},
+        *({"__key__": f"clip{i}", "png": palette_png(bytes([0, 128, 255])), "txt": f"clip art {i}"} for i in range(3)),
+        {"__key__": "plain", "png": png_bytes(rng), "txt": "a plain image"}], prefix="clipart")
     summary = embed_corpus(str(tmp_path / "c"), MODEL, None, tmp_path / "kb", workers=0, progress=False)
     assert summary["count"] == 5
     assert summary["decode_warnings"]["counts"] == {"decompression bomb warning": 1}

@@ -122,13 +122,13 @@ def test_parquet_corpus_and_url_corpus(tiny_world, tmp_path):
     assert summary["missing"]["total"] == 0
 
 
-def corpus_retrieved(folder, shards: int, per_shard: int, size: int = 24) -> list[dict]:
+def corpus_retrieved(write_shards, folder, shards: int, per_shard: int) -> list[dict]:
     """Webdataset shards of random images and a retrieved set of all their pairs (ids as embed gives them)."""
     from test_embed import make_shards
 
     from react_vl.kb import make_ids
     rows = []
-    for part, path in enumerate(make_shards(folder, shards, per_shard)):
+    for part, path in enumerate(make_shards(write_shards, folder, shards, per_shard)):
         for i, pair in enumerate(iter_corpus(str(path.resolve()))):
             rows.append({"id": int(make_ids(part, per_shard)[i]), "key": pair.key, "caption": pair.caption,
                          "shard": pair.shard, "classes": ["circle"] if i % 2 else ["red"], "score": 0.5})
@@ -165,8 +165,9 @@ def test_caption_embeddings_in_every_sample_and_parallel_equals_serial(world_kb,
         np.testing.assert_allclose(emb, expected / np.linalg.norm(expected), atol=1e-3)
 
 
-def test_resume_after_sigkill_keeps_finished_shards(tmp_path):
-    rows = corpus_retrieved(tmp_path / "corpus", shards=12, per_shard=30)
+@pytest.mark.slow
+def test_resume_after_sigkill_keeps_finished_shards(tmp_path, write_shards):
+    rows = corpus_retrieved(write_shards, tmp_path / "corpus", shards=12, per_shard=30)
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "retrieved.parquet")
     args = [str(tmp_path / "retrieved.parquet"), "--maxcount", "5", "--no-download"]
     killed = run_cli("materialize", *args, "--out", str(tmp_path / "out"))
@@ -194,8 +195,8 @@ def test_resume_after_sigkill_keeps_finished_shards(tmp_path):
     assert not list((tmp_path / "out").glob(".*.tmp"))
 
 
-def test_truncated_source_shard_is_counted_once_and_its_head_kept(tmp_path):
-    rows = corpus_retrieved(tmp_path / "corpus", shards=2, per_shard=20)
+def test_truncated_source_shard_is_counted_once_and_its_head_kept(tmp_path, write_shards):
+    rows = corpus_retrieved(write_shards, tmp_path / "corpus", shards=2, per_shard=20)
     shard = Path(rows[-1]["shard"])
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) // 2])
