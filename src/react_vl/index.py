@@ -329,7 +329,8 @@ def build_index(kb: KnowledgeBase, kind: str, memory_budget: str | int = "4GB", 
         "target_reached": tuned["target_reached"], "latency_ms_per_query": tuned["latency_ms"],
         "n_queries": len(queries), "memory_budget_bytes": parse_size(memory_budget),
         "estimated_memory_bytes": estimate_memory(factory, count, dim, on_disk=in_blocks),
-        "on_disk": in_blocks, "blocks": blocks if in_blocks else 1, "blocks_resumed": tuned.get("blocks_resumed", 0),
+        "on_disk": in_blocks, "ivfdata": str(data.resolve()) if in_blocks else None,
+        "blocks": blocks if in_blocks else 1, "blocks_resumed": tuned.get("blocks_resumed", 0),
         "size_bytes": path.stat().st_size + (data.stat().st_size if in_blocks else 0),
         "count": count, "dim": dim, "model": kb.info.get("model"), "pretrained": kb.info.get("pretrained"),
         "ids_sha256": ids_fingerprint(kb_ids), "build_s": time.perf_counter() - started,
@@ -445,7 +446,7 @@ def _merge_blocks(kb_path: Path, kind: str, trained: Path, block_paths: list[Pat
     for stale in (kb_path / f"{kind}.index.json", path):  # an old index would read the new lists
         stale.unlink(missing_ok=True)
     index = faiss.read_index(str(trained))
-    merge_ondisk(index, [str(p) for p in block_paths], str(data))
+    merge_ondisk(index, [str(p) for p in block_paths], str(data.resolve()))  # the index records this path
     with atomic_path(path) as tmp:
         faiss.write_index(index, str(tmp))
     return index
@@ -488,8 +489,9 @@ def load_index(kb: KnowledgeBase | str | Path, kind: str, mmap_min_bytes: int = 
                         f"the KB is {kb.info.get('model')}/{kb.info.get('pretrained')}")
     if not problems and infos["ids_sha256"] != ids_fingerprint(kb.ids()):
         problems.append("its ids differ from the KB metadata ids")
-    if infos["on_disk"]:  # the lists file is looked for beside the index, wherever the KB was moved
-        flags = faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+    if infos["on_disk"]:  # a KB moved since: the lists file is looked for beside the index
+        moved = infos["ivfdata"] != str(data.resolve())
+        flags = faiss.IO_FLAG_READ_ONLY | (faiss.IO_FLAG_ONDISK_SAME_DIR if moved else 0)
     else:
         flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if path.stat().st_size >= mmap_min_bytes else 0
     index = faiss.read_index(str(path), flags)
