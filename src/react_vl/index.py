@@ -297,7 +297,8 @@ def build_index(kb: KnowledgeBase, kind: str, memory_budget: str | int = "4GB", 
     infos JSON; return the infos.
 
     shards: blocks the vectors are added in, `processes` at a time, then merged on disk (IVF
-    indexes only); None: one block when the index fits the budget, else enough to fit it.
+    indexes only). None: one in-RAM build when the index fits the budget and one process adds;
+    else one block per process, or more when that many blocks filled at once would not fit.
     """
     if kind not in KINDS:
         raise ValueError(f"index kind must be one of {sorted(KINDS)}, got {kind!r}")
@@ -308,6 +309,7 @@ def build_index(kb: KnowledgeBase, kind: str, memory_budget: str | int = "4GB", 
     in_blocks = "IVF" in factory and (blocks > 1 or stores_on_disk(factory, count, dim, memory_budget))
     rng = np.random.default_rng(seed)
     kb_ids = kb.ids()
+    fingerprint = ids_fingerprint(kb_ids)
     train_rows = np.sort(rng.choice(count, train_size(factory, count), replace=False))
     # Tuning queries: captions of held-out pairs (REACT's queries are text; images where a KB has no
     # captions). Their pairs are added only after tuning, so no query finds itself, its own image,
@@ -317,7 +319,7 @@ def build_index(kb: KnowledgeBase, kind: str, memory_budget: str | int = "4GB", 
     job = {"kb": kb, "kind": kind, "factory": factory, "train_rows": train_rows, "held_out": held_out,
            "kb_ids": kb_ids, "queries": queries, "k": k, "target_recall": target_recall}
     if in_blocks:
-        plan = {"factory": factory, "count": count, "dim": dim, "ids_sha256": ids_fingerprint(kb_ids),
+        plan = {"factory": factory, "count": count, "dim": dim, "ids_sha256": fingerprint,
                 "seed": seed, "blocks": blocks, "k": k, "queries": len(held_out)}
         tuned = _build_in_blocks(**job, plan=plan, processes=processes)
     else:
@@ -333,7 +335,7 @@ def build_index(kb: KnowledgeBase, kind: str, memory_budget: str | int = "4GB", 
         "blocks": blocks if in_blocks else 1, "blocks_resumed": tuned.get("blocks_resumed", 0),
         "size_bytes": path.stat().st_size + (data.stat().st_size if in_blocks else 0),
         "count": count, "dim": dim, "model": kb.info.get("model"), "pretrained": kb.info.get("pretrained"),
-        "ids_sha256": ids_fingerprint(kb_ids), "build_s": time.perf_counter() - started,
+        "ids_sha256": fingerprint, "build_s": time.perf_counter() - started,
     }
     write_json(infos, kb.path / f"{kind}.index.json")
     return infos
