@@ -386,6 +386,8 @@ def _build_in_blocks(kb, kind, factory, train_rows, held_out, kb_ids, queries, k
     tuned = tune(searched_as_one, factory, queries, truth.I, k, target_recall)
     del searched_as_one, blocks
 
+    # The held-out pairs join as one more block: adding them to the merged on-disk lists afterwards
+    # returned wrong neighbours (OnDiskInvertedLists, faiss 1.15.1).
     held_out_block = faiss.read_index(str(trained))
     held_out_block.add_with_ids(read_rows(kb, kind, held_out), kb_ids[held_out])
     with atomic_path(work / "block_held_out.index") as tmp:
