@@ -231,6 +231,8 @@ def record_model(kb_path: str | Path, model: str, pretrained: str | None) -> dic
     from the files', or a kb.json that names another model. Returns the info written."""
     import open_clip
 
+    from . import models  # noqa: F401 - registers the package's own model configs (mini-vit, ...) with open_clip
+
     kb = KnowledgeBase(kb_path)
     config = open_clip.get_model_config(model) if not model.startswith(("hf-hub:", "local-dir:")) else {}
     if config is None:
