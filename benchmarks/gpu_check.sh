@@ -9,11 +9,11 @@
 # cpu:gloo,cuda:nccl group react_vl.distributed starts, which one process alone does not start:
 # a CUDA and a CPU all_reduce, all_gather_object, barrier); `react-vl embed` of PAIRS pairs and
 # `react-vl customize` (gated-image, STEPS steps) under torchrun --nproc-per-node 1;
-# benchmarks/bench_customize.py (full, locked-text, gated-image, cached caption embeddings,
-# grad checkpointing); `pip install faiss-gpu` and, when it installs (or on CPU with faiss-cpu),
-# an IVF index over the embedded images built and searched. A failed step is recorded with its
-# exit code and the next one still runs. Sizes: env PAIRS, STEPS, BATCH, MODEL, BENCH_BATCH,
-# BENCH_STEPS, LOADERS; COMPILE=1 adds the torch.compile rows to the benchmark.
+# benchmarks/bench_customize.py (full, locked-text, gated-image, cached caption embeddings, grad
+# checkpointing, the batch-first layout); `pip install faiss-gpu` and, when it installs (or on
+# CPU with faiss-cpu), an IVF index over the embedded images built and searched. A failed step
+# is recorded with its exit code and the next one still runs. Sizes: env PAIRS, STEPS, BATCH,
+# MODEL, BENCH_BATCH, BENCH_STEPS, LOADERS; COMPILE=1 adds the torch.compile rows.
 set -uo pipefail
 
 OUT=${1:?usage: gpu_check.sh OUT_DIR [--cpu]}
@@ -25,6 +25,7 @@ else
     : "${PAIRS:=2048}" "${STEPS:=50}" "${BATCH:=128}" "${MODEL:=ViT-B-32}" "${BENCH_BATCH:=256}" "${BENCH_STEPS:=10}" "${LOADERS:=8}"
 fi
 HERE=$(cd "$(dirname "$0")" && pwd)
+export PYTHONPATH="$HERE/../src${PYTHONPATH:+:$PYTHONPATH}"  # a checkout that is not pip-installed runs too
 WORK=$(mktemp -d)
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
@@ -45,7 +46,7 @@ stage() {  # stage NAME COMMAND...: run it, log its output, record its exit code
     printf '%s\t%s\t%s\n' "$name" "$rc" "$((($(date +%s%N) - start) / 1000000))" | tee -a "$STAGES"
 }
 
-torchrun_1() { torchrun --nproc-per-node 1 --master-port "$(free_port)" "$@"; }
+torchrun_1() { python -m torch.distributed.run --nproc-per-node 1 --master-port "$(free_port)" "$@"; }
 
 cat >"$WORK/probe.py" <<'EOF'
 import json, sys, torch, torch.distributed as dist
@@ -77,9 +78,9 @@ EOF
 
 echo "gpu_check on $DEVICE: model $MODEL, $PAIRS pairs, $STEPS steps at batch $BATCH; work folder $WORK" | tee -a "$LOG"
 stage environment bash -c "nvidia-smi -L 2>&1 | head -2; python -c 'import torch, open_clip; print(torch.__version__, open_clip.__version__, torch.cuda.is_available())'"
-stage world react-vl world --out "$WORK/world" --pretrain-size "$PAIRS" --kb-size "$PAIRS" --eval-size 16 --val-size 16 \
+stage world python -m react_vl.cli world --out "$WORK/world" --pretrain-size "$PAIRS" --kb-size "$PAIRS" --eval-size 16 --val-size 16 \
     --shard-size $((PAIRS / 8)) --workers "$LOADERS"
-stage distributed_probe bash -c "torchrun --nproc-per-node 1 --master-port $(free_port) $WORK/probe.py $DEVICE | tail -1 >$WORK/probe.json"
+stage distributed_probe bash -c "python -m torch.distributed.run --nproc-per-node 1 --master-port $(free_port) $WORK/probe.py $DEVICE | tail -1 >$WORK/probe.json"
 stage embed torchrun_1 -m react_vl.cli embed "$WORK/world/kb" --model "$MODEL" --out "$WORK/KB" --batch-size 256 \
     --workers "$LOADERS" --device "$DEVICE" --precision bf16
 stage customize torchrun_1 -m react_vl.cli customize "$WORK/world/pretrain" --model "$MODEL" --out "$WORK/RUN" \
@@ -87,7 +88,7 @@ stage customize torchrun_1 -m react_vl.cli customize "$WORK/world/pretrain" --mo
     --device "$DEVICE" --log-every 10 --checkpoint-every "$STEPS"
 stage bench_customize python "$HERE/bench_customize.py" --device "$DEVICE" --model "$MODEL" --batch "$BENCH_BATCH" \
     --steps "$BENCH_STEPS" --workers "$LOADERS" --json "$OUT/bench_customize.json" \
-    --variants full,locked-text,gated-image,gated-image-cached,gated-image-ckpt ${COMPILE:+--compile}
+    --variants full,locked-text,gated-image,gated-image-cached,gated-image-ckpt,gated-image-batch-first ${COMPILE:+--compile}
 if [[ $DEVICE == cuda ]]; then
     stage faiss_gpu_install bash -c "pip install -q faiss-gpu-cu12 || pip install -q faiss-gpu"
 fi

@@ -111,7 +111,8 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(strategy, towers):
     first_trained = 3 if strategy == "gated-image" else 0  # mini-vit's gated blocks sit in layers 3, 4, 5
     image_blocks = len(model.visual.transformer.resblocks)
     # the frozen prefix runs once and records no graph; every block after it is recomputed once
-    assert [calls["image", i] for i in range(image_blocks)] == [1 if i < first_trained else 2 for i in range(image_blocks)]
+    assert [calls["image", i] for i in range(image_blocks)] == \
+        [1 if i < first_trained else 2 for i in range(image_blocks)]
     assert [outputs["image", i].grad_fn is None for i in range(image_blocks)] == \
         [i < first_trained for i in range(image_blocks)]
     text_blocks = len(model.transformer.resblocks)
