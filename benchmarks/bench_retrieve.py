@@ -21,6 +21,7 @@ figure is 10M results in under 10 minutes on 64 cores, ~260 per core-second.
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import threading
@@ -139,6 +140,7 @@ def main():
     print(f"KB and indexes ready in {time.perf_counter() - start:.0f} s")
     rows = []
     for target in (int(t) for t in args.results.split(",")):
+        shutil.rmtree(work / f"r{target}", ignore_errors=True)  # a fresh run: no chunk files to resume from
         run = subprocess.run([sys.executable, __file__, "--work", str(work), "--child", str(kb_path),
                               str(target // CLASSES), str(work / f"r{target}")], capture_output=True, text=True)
         if run.returncode:
