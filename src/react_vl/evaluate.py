@@ -27,7 +27,6 @@ a curve of target gain against control loss from one trained model.
 
 import csv
 import hashlib
-import io
 import json
 import os
 import time
@@ -38,13 +37,12 @@ from pathlib import Path
 import numpy as np
 import open_clip
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
 from webdataset.tariterators import tarfile_samples
 
 from . import metrics
-from .data import IMAGE_EXTS, list_shards
+from .data import IMAGE_EXTS, decode_image, list_shards
 from .gated import gated_layers, scale_gates
 from .models import load_model
 from .probe import few_shot_probe, stratified_split
@@ -89,9 +87,8 @@ def _record(key, image=None, label=-1, captions=(), error=None) -> dict:
 
 def _load_image(data_or_path, preprocess, key):
     try:
-        source = io.BytesIO(data_or_path) if isinstance(data_or_path, bytes) else data_or_path
-        with Image.open(source) as image:
-            return preprocess(image.convert("RGB")), None
+        data = data_or_path if isinstance(data_or_path, bytes) else Path(data_or_path).read_bytes()
+        return preprocess(decode_image(data)), None
     except Exception as err:  # noqa: BLE001 - a corrupt image is skipped and counted, never fatal
         return None, f"unreadable image {key}: {type(err).__name__}: {err}"
 

@@ -40,8 +40,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .concepts import ATTRIBUTE_CLASSES, CONTROL_TASKS, MINI_TASKS, TARGET_TASKS
-from .experiment import (BASE_CACHE, ExperimentConfig, StageClock, prepare, random_subset, retrieve_targets,
-                         versions, write_subset)
+from .experiment import (BASE_CACHE, CONTROL_TOLERANCE, ExperimentConfig, StageClock, prepare, random_subset,
+                         retrieve_targets, versions, write_subset)
 from .strategies import GATED_STRATEGIES
 from .utils import atomic_path, markdown_table, read_json, write_json
 
@@ -57,7 +57,6 @@ PAPER_IN1K = {"base": 63.2, "locked-image": 63.7, "locked-text": 66.9, "full": 6
 SIZE_SHARES = (0.01, 0.10)  # retrieval size curve: these shares of the KB, plus the demo's per_class
 MIX_RATIOS = (0.25, 0.5)  # share of every batch drawn from the pretraining corpus
 SCHEDULE_STEPS = (1, 2, 4)  # schedule ablation: these multiples of the default steps, each without and with mixing
-CONTROL_TOLERANCE = 2.0  # points a control task may lose for a schedule to be chosen (the demo's bar)
 TASKS = TARGET_TASKS + CONTROL_TASKS
 
 
