@@ -64,7 +64,7 @@ def read_one_epoch(shards: str, batch: int, workers: int, out: str):
     from open_clip import create_model_and_transforms, get_tokenizer
 
     from react_vl.distributed import init_distributed
-    from react_vl.models import list_models  # noqa: F401 - registers mini-vit with open_clip
+    import react_vl.models  # noqa: F401 - registers mini-vit with open_clip
     from react_vl.train_data import Source, StreamChunks, open_shard_set
 
     env = init_distributed("cpu")

@@ -30,10 +30,6 @@ open_clip.add_model_config(CONFIG_DIR)
 CHECKPOINT_META_KEY = "react_vl"
 
 
-def list_models() -> list[str]:
-    return open_clip.list_models()
-
-
 def _looks_like_path(pretrained: str) -> bool:
     return os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors", ".npz"))
 
