@@ -84,10 +84,7 @@ def encode_queries(kb: KnowledgeBase, task: Task, model: str | None = None, batc
 # --- the KB, part by part ------------------------------------------------------------------------
 def part_ids(kb: KnowledgeBase, part: int) -> np.ndarray:
     """The ids of one part, in row order (only its `id` column is read)."""
-    path = kb.metadata_path(part)
-    if "id" in pq.read_schema(path).names:
-        return pq.read_table(path, columns=["id"]).column("id").to_numpy()
-    return make_ids(part, pq.read_metadata(path).num_rows)
+    return kb.part_metadata(part, ["id"]).column("id").to_numpy()
 
 
 def locate(kb: KnowledgeBase, ids: np.ndarray) -> np.ndarray:
