@@ -574,3 +574,21 @@ def test_broken_images_are_hidden(server, chromium, tmp_path):
         assert all("999999999999" in error for error in browser.errors), browser.errors  # only the planted 404
     finally:
         browser.close()
+
+
+def test_materialize_leaves_out_the_rejected_pairs_and_counts_them(world_kb, tmp_path):
+    from react_vl.materialize import materialize
+
+    kb, retrieved = world_kb
+    curated = tmp_path / "r"
+    curated.mkdir()
+    for name in ("retrieved.parquet", "summary.json"):
+        shutil.copy(retrieved / name, curated / name)
+    ids = pq.read_table(curated / "retrieved.parquet", columns=["id"]).column("id").to_pylist()
+    curation.record_decisions(curated, ids[:3], "reject", who="ana")
+    curation.record_decisions(curated, ids[2:3], "accept", who="ben")  # the latest decision counts
+    summary = materialize(curated, tmp_path / "shards", kb=kb, progress=False)
+    written = {json.loads(pair.extra["json"])["id"] for shard in summary["shards"]
+               for pair in read_shard(str(tmp_path / "shards" / shard), SkipLog())}
+    assert written == set(ids) - set(ids[:2])
+    assert summary["rejected_by_curation"] == 2 and summary["count"] == len(ids) - 2

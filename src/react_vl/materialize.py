@@ -16,7 +16,8 @@ bytes, shape (dim,), the KB's dtype), which summary.json's `text_embeddings` des
 pretrained, dim, text tower fingerprint). Pairs with no local shard but a `url` (LAION's
 metadata has no `shard`) go to an img2dataset input parquet instead, and img2dataset is run on
 it when installed (`DownloadOptions`); its output folder, SHARDS/downloaded, is a training-shard
-folder as it is, counted by its `_stats.json` files.
+folder as it is, counted by its `_stats.json` files. Pairs rejected in R/curation.json
+(`react-vl serve`) are left out, counted as `rejected_by_curation`.
 """
 
 import contextlib
@@ -42,6 +43,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from tqdm import tqdm
 
+from .curation import rejected_ids
 from .data import MAX_LISTED_SKIPS, ParquetColumns, SkipLog, count_from_stats, read_shard
 from .kb import KnowledgeBase, part_of
 from .utils import atomic_path, read_json, write_json
@@ -91,6 +93,15 @@ def _read_retrieved(retrieved: str | Path, kb: KnowledgeBase | None) -> pa.Table
             urls = pa.concat_tables(urls)
             table = table.append_column("url", urls["url"].take(pc.index_in(table["id"], value_set=urls["id"])))
     return table
+
+
+def _drop_rejected(retrieved: str | Path, table: pa.Table) -> tuple[pa.Table, int]:
+    """The pairs left once those rejected in R/curation.json (`react-vl serve` writes it) are
+    dropped, and how many were."""
+    folder = Path(retrieved) if Path(retrieved).is_dir() else Path(retrieved).parent
+    rejected = pa.array(sorted(rejected_ids(folder)), pa.int64())
+    kept = table.filter(pc.invert(pc.is_in(table["id"], value_set=rejected)))
+    return kept, table.num_rows - kept.num_rows
 
 
 def _kb_of(retrieved: str | Path, kb: str | Path | None) -> KnowledgeBase | None:
@@ -280,7 +291,7 @@ def materialize(retrieved: str | Path, out: str | Path, kb: str | Path | None = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     knowledge = _kb_of(retrieved, kb)
-    table = _read_retrieved(retrieved, knowledge)
+    table, rejected = _drop_rejected(retrieved, _read_retrieved(retrieved, knowledge))
     local, url_rows, nowhere = _split(table)
     text = knowledge is not None and knowledge.has_text
     units = plan_units(local, maxcount)
@@ -309,7 +320,8 @@ def materialize(retrieved: str | Path, out: str | Path, kb: str | Path | None = 
         corrupt.add("corrupt shard", item)
     summary = {
         "count": sum(r["count"] for r in records),
-        "shards": [shard_name(n) for n, r in enumerate(records) if r["count"]], "retrieved": table.num_rows,
+        "shards": [shard_name(n) for n, r in enumerate(records) if r["count"]],
+        "retrieved": table.num_rows + rejected, "rejected_by_curation": rejected,
         "class_balance": _class_balance(table, written_classes),
         "missing": {"total": missing.total(), **missing.to_dict()},
         "corrupt_shards": corrupt.to_dict(),
