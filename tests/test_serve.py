@@ -428,7 +428,6 @@ def test_fifty_concurrent_queries_all_answer(server):
 
 
 # --- the command ----------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_cli_serves_and_warns_off_localhost(world_kb, free_port):
     kb, retrieved = world_kb
     port = free_port
