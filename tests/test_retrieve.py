@@ -340,6 +340,18 @@ def test_index_of_other_ids_is_refused(planted, tmp_path):
         retrieve(tmp_path / "kb", TASK, tmp_path / "r", per_class=5)
 
 
+def test_image_only_kb_searches_images(planted, tmp_path):
+    """A KB without caption embeddings (LAION-5B image-only folders): `both` runs t2i with a note, `t2t` is refused."""
+    import shutil
+    kb, _ = planted
+    shutil.copytree(kb.path, tmp_path / "kb", ignore=shutil.ignore_patterns("text_emb", "text.index*"))
+    summary = retrieve(tmp_path / "kb", TASK, tmp_path / "r", per_class=10, dedup_threshold=None)
+    assert summary["modes"] == ["t2i"] and summary["per_class_counts"] == {n: 10 for n in TASK.classnames}
+    assert all(r["modes"] == ["t2i"] for r in _read(tmp_path / "r"))
+    with pytest.raises(ValueError, match="no caption embeddings .* --mode t2i only"):
+        retrieve(tmp_path / "kb", TASK, tmp_path / "r", mode="t2t")
+
+
 def _many_classes(n: int) -> Task:
     return Task("many", [f"{shape} number {i}" for i in range(n // 3) for shape in TASK.classnames][:n],
                 list(TASK.templates))

@@ -534,6 +534,11 @@ def retrieve(kb_path: str | Path, task: str | Task, out: str | Path, mode: str =
     k = k or limit or 100
     kb, out = KnowledgeBase(kb_path), Path(out)
     task = task if isinstance(task, Task) else get_task(task)
+    if not kb.has_text and "t2t" in modes:
+        if mode == "t2t":
+            raise ValueError(f"{kb.path} has no caption embeddings (an image-only folder): it serves --mode t2i only")
+        print(f"note: {kb.path} has no caption embeddings (an image-only folder): searching images only (t2i)")
+        modes = ["t2i"]
     env = init_distributed("cpu")
     try:
         marks = [time.time()]
@@ -554,7 +559,7 @@ def retrieve(kb_path: str | Path, task: str | Task, out: str | Path, mode: str =
                        "dedup_threshold": dedup_threshold}
             summary = {
                 "task": task.name, "kb": str(kb.path), "model": kb.info.get("model"),
-                "pretrained": kb.info.get("pretrained"), "mode": mode, "k": k, "per_class": per_class,
+                "pretrained": kb.info.get("pretrained"), "mode": mode, "modes": modes, "k": k, "per_class": per_class,
                 "kept_per_class_before_filters": limit, "queries": len(prompts),
                 **merge_chunks(kb, task, prompts, out, read_chunks(parts, len(chunks)), per_class, filters),
                 "thresholds": {"dedup": dedup_threshold, "min_clip_score": min_clip_score,
