@@ -119,3 +119,26 @@ def test_precondition_fails_each_criterion_the_base_misses():
                       ("base", "pretraining time")}
     with pytest.raises(ValueError, match=r"missing: \['mini-color-night'\]"):
         check_precondition({k: v for k, v in scores.items() if k != "mini-color-night"}, 1.0, cosines)
+
+
+def test_merged_retrieved_sets_keep_each_parts_rejections(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from react_vl.curation import record_decisions, rejected_ids
+    from react_vl.experiment import merge_retrieved
+
+    parts = []
+    for name, ids in (("a", [1, 2, 3]), ("b", [3, 4])):
+        part = tmp_path / name
+        part.mkdir()
+        pq.write_table(pa.table({"id": ids, "caption": [f"c{i}" for i in ids], "classes": [[name]] * len(ids),
+                                 "score": [0.5] * len(ids)}), part / "retrieved.parquet")
+        parts.append(part)
+    record_decisions(parts[0], [2], "reject", who="ana")
+    record_decisions(parts[1], [4], "reject", who="bo")
+    merged = merge_retrieved(parts, tmp_path / "all")
+    table = pq.read_table(merged / "retrieved.parquet")
+    assert sorted(table.column("id").to_pylist()) == [1, 2, 3, 4]
+    assert dict(zip(table.column("id").to_pylist(), table.column("classes").to_pylist()))[3] == ["a", "b"]
+    assert rejected_ids(merged) == {2, 4}

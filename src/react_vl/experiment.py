@@ -233,7 +233,12 @@ def retrieve_targets(kb: Path, world: Path, out: Path, mode: str, per_class: int
 
 
 def merge_retrieved(parts: list[Path], out: Path) -> Path:
-    """One training set from several tasks' retrieved sets: union by id, classes merged."""
+    """One training set from several tasks' retrieved sets: union by id, classes merged.
+
+    A pair rejected in any part's curation (R/curation.json) is rejected in the merged set too,
+    so materialize leaves it out and counts it."""
+    from .curation import record_decisions, rejected_ids
+
     table = pa.concat_tables([pq.read_table(p / "retrieved.parquet") for p in parts], promote_options="default")
     rows, seen = [], {}
     for row in table.to_pylist():
@@ -246,6 +251,9 @@ def merge_retrieved(parts: list[Path], out: Path) -> Path:
             rows.append(row)
     with atomic_path(out / "retrieved.parquet") as tmp:
         pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), tmp)
+    for part in parts:
+        if rejected := rejected_ids(part):
+            record_decisions(out, rejected, "reject", who=f"curation of {part}", scope={"merged_from": str(part)})
     return out
 
 
