@@ -1,7 +1,9 @@
 """Shared fixtures: a small mini world generated once per test session (`tiny_world`, and its
-config), a model pretrained on it, a webdataset shard writer and a free port for torchrun.
+config), a model pretrained on it, a webdataset shard writer, a free port for torchrun and
+headless Chromium for the page tests.
 Test modules take these as fixtures rather than importing from each other."""
 
+import shutil
 import socket
 from pathlib import Path
 
@@ -46,6 +48,15 @@ def _write_shards(folder: Path, samples: list[dict], shards: int = 1, prefix: st
 def write_shards():
     """The one shard writer of the tests: write_shards(folder, samples, shards=1, prefix="shard", first=0)."""
     return _write_shards
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Path of a headless Chromium for the page tests (report, serve); they skip without one."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("headless Chromium not installed (apt-get install -y chromium; .ci/run installs it)")
+    return path
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@
 import html
 import json
 import re
-import shutil
 import subprocess
 from collections import Counter
 
@@ -72,14 +71,6 @@ def _make_demo(demo, world) -> list[dict]:
         {"tasks": TASKS, "stages": {"world": 2.5, "train": 60.0},
          "settings": {"seed": 0, "steps": 10}, "versions": {"torch": "2.14.1"}}))
     return rows
-
-
-@pytest.fixture(scope="module")
-def chromium():
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.skip("headless Chromium not installed (apt-get install -y chromium; .ci/run installs it)")
-    return path
 
 
 def _page_check(chromium, page, tmp_path) -> dict:

@@ -448,14 +448,6 @@ def test_cli_serves_and_warns_off_localhost(world_kb, free_port):
 
 
 # --- the page, in headless Chromium ----------------------------------------------------------------
-@pytest.fixture(scope="module")
-def chromium():
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.skip("headless Chromium not installed (apt-get install -y chromium; .ci/run installs it)")
-    return path
-
-
 class DevTools:
     """A headless Chromium page driven over the DevTools protocol; script errors are collected."""
 
