@@ -253,3 +253,17 @@ def test_url_pairs_downloaded_by_img2dataset_become_a_training_folder(tmp_path):
     assert len(list_shards(downloaded)) == 3 and count_from_stats(downloaded) == len(pairs) == 12
     assert sorted(json.loads(p.extra["json"])["id"] for p in pairs) == list(range(12))
     assert min(Image.open(io.BytesIO(p.image)).size[1] for p in pairs) == 32  # keep_ratio: the smaller side
+
+
+def test_img2dataset_output_folder_trains_as_it_is(tmp_path):
+    """customize takes img2dataset's output folder as it is: its tars (not the .parquet / _stats.json
+    sidecars) are the shards, and an epoch is the stats files' count of successes."""
+    from react_vl.train import TrainConfig, train
+
+    write_img2dataset_folder(tmp_path / "dl", shards=2, per_shard=10, failed=2)
+    summary = train(TrainConfig(str(tmp_path / "dl"), tmp_path / "run", model="mini-vit-test", strategy="full",
+                                epochs=1.0, batch_size=8, workers=1, log_every=1, seed=0, device="cpu"))
+    assert summary["dataset_count"] == 16  # 2 x (10 - 2) successes, from the _stats.json files
+    assert summary["steps"] == 2 and summary["samples_seen"] == 16
+    assert summary["skipped"]["total"] == 0
+    assert (tmp_path / "run" / "model.pt").is_file()
