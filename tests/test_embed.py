@@ -2,12 +2,10 @@
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,28 +19,12 @@ from react_vl.embed import embed_corpus
 from react_vl.kb import KnowledgeBase, make_ids
 from react_vl.models import load_model
 
+from helpers import make_shards, png_bytes, run_cli
+
 MODEL = "mini-vit-test"
 
 
-def png_bytes(rng, size=24) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
 
-
-def make_shards(write_shards, folder: Path, shards: int, per_shard: int, seed: int = 0) -> list[Path]:
-    """webdataset shards kb-NNNNNN.tar of random images with captions and a json sidecar (KEY.png/txt/json),
-    written by conftest's `write_shards`; keys s{shard}-{index}."""
-    rng = np.random.default_rng(seed)
-    return [path for s in range(shards) for path in write_shards(
-        folder, [{"__key__": f"s{s}-{i:04d}", "png": png_bytes(rng), "txt": f"a red circle number {i}",
-                  "json": json.dumps({"shard": s, "index": i})} for i in range(per_shard)], prefix="kb", first=s)]
-
-
-def run_cli(*args, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "react_vl.cli", *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
 def test_list_shards_expands_braces_globs_and_folders(tmp_path, write_shards):

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from PIL import Image
-from test_embed import make_shards, png_bytes
+from helpers import make_shards, png_bytes
 
 from react_vl.data import CorpusFormatError, SkipLog, count_from_stats, decode_image, iter_corpus, list_shards
 from react_vl.embed import embed_corpus

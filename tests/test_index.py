@@ -9,7 +9,6 @@ import sys
 import time
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from react_vl.index import (
@@ -19,27 +18,11 @@ from react_vl.index import (
     load_index,
     stores_on_disk,
 )
-from react_vl.kb import KnowledgeBase, make_ids, write_info, write_part
+from react_vl.kb import KnowledgeBase
+
+from helpers import clustered, make_kb
 
 
-def clustered(n: int, dim: int, rng: np.random.Generator, n_clusters: int = 50) -> np.ndarray:
-    """Normalised vectors around random centres: neighbours are meaningful, as with CLIP embeddings."""
-    centres = rng.standard_normal((n_clusters, dim))
-    x = centres[rng.integers(n_clusters, size=n)] + 0.6 * rng.standard_normal((n, dim))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
-def make_kb(path, img, text, parts, model="mini-vit-test", pretrained=None, captions=None):
-    """Write embeddings as KB parts, in the given (shuffled) part order; caption = 'row N' unless given."""
-    chunks = np.array_split(np.arange(len(img)), len(parts))
-    for part, rows in sorted(zip(parts, chunks), key=lambda pair: -pair[0]):  # write the last part first
-        caps = [captions[r] if captions else f"row {r}" for r in rows]
-        meta = pa.table({"key": [f"k{r:06d}" for r in rows], "caption": caps,
-                         "shard": [f"shard-{part:06d}.tar"] * len(rows), "id": make_ids(part, len(rows))})
-        write_part(path, part, img[rows], text[rows], meta)
-    write_info(path, model=model, pretrained=pretrained, dim=img.shape[1], dtype=str(img.dtype), count=len(img),
-               parts=len(parts))
-    return KnowledgeBase(path)
 
 
 @pytest.fixture(scope="module")

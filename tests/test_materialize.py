@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import webdataset as wds
-from test_embed import run_cli
+from helpers import run_cli
 
 from react_vl.data import ParquetColumns, iter_corpus
 from react_vl.embed import embed_corpus
@@ -124,7 +124,7 @@ def test_parquet_corpus_and_url_corpus(tiny_world, tmp_path):
 
 def corpus_retrieved(write_shards, folder, shards: int, per_shard: int) -> list[dict]:
     """Webdataset shards of random images and a retrieved set of all their pairs (ids as embed gives them)."""
-    from test_embed import make_shards
+    from helpers import make_shards
 
     from react_vl.kb import make_ids
     rows = []

@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from test_index import make_kb
+from helpers import make_kb
 
 from react_vl.cli import main
 from react_vl.index import build_indexes
@@ -298,7 +298,7 @@ def test_near_duplicates_above_the_exact_size(tmp_path):
 def test_index_tuned_at_a_smaller_k_is_retuned(tmp_path):
     """An IVF index tuned for recall@10 is re-tuned at retrieve's k; the setting used is in the summary."""
     from react_vl.index import build_index
-    from test_index import clustered
+    from helpers import clustered
     rng = np.random.default_rng(5)
     img, text = clustered(12_000, 32, rng, 20), clustered(12_000, 32, rng, 20)
     kb = make_kb(tmp_path / "kb", img, text, [0, 1])
