@@ -202,6 +202,10 @@ class KnowledgeBase:
             table = table.append_column("id", pa.array(make_ids(part, table.num_rows)))
         return table
 
+    def part_ids(self, part: int) -> np.ndarray:
+        """The ids of one part, in row order (only its `id` column is read)."""
+        return self.part_metadata(part, ["id"]).column("id").to_numpy()
+
     def ids(self) -> np.ndarray:
         return self.metadata(["id"]).column("id").to_numpy()
 
@@ -212,7 +216,7 @@ class KnowledgeBase:
         parts = part_of(ids)
         for part in np.unique(parts).tolist():
             wanted = np.flatnonzero(parts == part)
-            part_ids = self.part_metadata(part, ["id"]).column("id").to_numpy() if part in self.part_rows else []
+            part_ids = self.part_ids(part) if part in self.part_rows else []
             rows = _rows_of(np.asarray(part_ids, dtype=np.int64), ids[wanted])
             if (rows < 0).any():
                 raise KeyError(f"{self.path}: id {ids[wanted][rows < 0][0]} is in no part's metadata")

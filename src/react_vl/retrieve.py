@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .distributed import init_distributed
-from .index import KINDS, load_index, read_rows, tune
+from .index import exact_top_k, load_index, read_rows, tune
 from .kb import KnowledgeBase, make_ids
 from .models import load_model
 from .tasks import Task, get_task
@@ -82,11 +82,6 @@ def encode_queries(kb: KnowledgeBase, task: Task, model: str | None = None, batc
 
 
 # --- the KB, part by part ------------------------------------------------------------------------
-def part_ids(kb: KnowledgeBase, part: int) -> np.ndarray:
-    """The ids of one part, in row order (only its `id` column is read)."""
-    return kb.part_metadata(part, ["id"]).column("id").to_numpy()
-
-
 def locate(kb: KnowledgeBase, ids: np.ndarray) -> np.ndarray:
     """Positions in KB order of the given ids, found part by part; ValueError names ids not in the KB."""
     rows = np.full(len(ids), -1, dtype=np.int64)
@@ -94,7 +89,7 @@ def locate(kb: KnowledgeBase, ids: np.ndarray) -> np.ndarray:
     wanted = ids[order]
     start = 0
     for part in kb.parts:
-        mine = part_ids(kb, part)
+        mine = kb.part_ids(part)
         at = np.searchsorted(wanted, mine)
         hit = at < len(wanted)
         hit[hit] = wanted[at[hit]] == mine[hit]
@@ -113,20 +108,6 @@ def batched_rows(kb: KnowledgeBase, kind: str, rows: np.ndarray):
 
 
 # --- the indexes, searched at retrieve's k -------------------------------------------------------
-def exact_top_k(kb: KnowledgeBase, kind: str, queries: np.ndarray, k: int) -> np.ndarray:
-    """Ids of the exact top-k of each query over every vector of the KB (one pass, part by part)."""
-    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
-    for part in kb.parts:
-        emb = kb.part_embeddings(KINDS[kind], part)
-        ids = part_ids(kb, part)
-        for lo in range(0, len(emb), 100_000):
-            block = np.asarray(emb[lo:lo + 100_000], dtype=np.float32)
-            scores, found = faiss.knn(queries, block, min(k, len(block)), faiss.METRIC_INNER_PRODUCT)
-            heap.add_result(scores, ids[lo:lo + len(block)][found])
-    heap.finalize()
-    return heap.I
-
-
 def open_index(kb: KnowledgeBase, kind: str, queries: np.ndarray, k: int) -> tuple[faiss.Index, dict]:
     """load_index, and the search setting used at `k`: the index's own if tuned at k or more, else
     re-tuned (index.tune, same target recall) on a sample of the task's queries against exact search."""
@@ -447,7 +428,7 @@ def write_retrieved(kb: KnowledgeBase, ids: np.ndarray, provenance: Provenance, 
     schema = output_schema(kb, provenance.columns(wanted[:0]))
     with atomic_path(path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for part in kb.parts:
-            rows = np.flatnonzero(np.isin(part_ids(kb, part), wanted))
+            rows = np.flatnonzero(np.isin(kb.part_ids(part), wanted))
             if not len(rows):
                 continue
             table = part_rows(kb, part, rows)
