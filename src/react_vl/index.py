@@ -250,6 +250,20 @@ def add_rows(index: faiss.Index, kb: KnowledgeBase, kind: str, lo: int, hi: int,
     return heap.D, heap.I
 
 
+def exact_top_k(kb: KnowledgeBase, kind: str, queries: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the exact top-k of each query over every vector of the KB (one pass, part by part)."""
+    heap = faiss.ResultHeap(len(queries), k, keep_max=True)
+    for part in kb.parts:
+        emb = kb.part_embeddings(KINDS[kind], part)
+        ids = kb.part_ids(part)
+        for lo in range(0, len(emb), 100_000):
+            block = np.asarray(emb[lo:lo + 100_000], dtype=np.float32)
+            scores, found = faiss.knn(queries, block, min(k, len(block)), faiss.METRIC_INNER_PRODUCT)
+            heap.add_result(scores, ids[lo:lo + len(block)][found])
+    heap.finalize()
+    return heap.I
+
+
 def recall_at_k(found: np.ndarray, truth: np.ndarray, k: int) -> float:
     """Mean fraction of the exact top-k ids that the index returns in its top-k."""
     return float(np.mean([len(np.intersect1d(f[:k], t[:k])) / k for f, t in zip(found, truth)]))
