@@ -87,7 +87,7 @@ class SkipLog:
         return {"counts": dict(self.counts), "listed": self.listed}
 
 
-def _is_url(path: str) -> bool:
+def is_url(path: str) -> bool:
     return "://" in path or path.startswith("pipe:")  # pipe: a shell command webdataset reads from
 
 
@@ -99,7 +99,7 @@ def _shard_kind(shard: str) -> str:
         return "parquet"
     if name.endswith(TAR_EXTS):
         return "webdataset"
-    if not _is_url(shard) and Path(shard).is_dir():
+    if not is_url(shard) and Path(shard).is_dir():
         return "folder"
     raise ValueError(f"corpus shard {shard!r}: not a .tar, .parquet or image folder")
 
@@ -134,7 +134,7 @@ def list_shards(corpus: str | list[str]) -> list[str]:
     shards = []
     for spec in specs:
         for item in braceexpand.braceexpand(str(spec)):
-            if _is_url(item):
+            if is_url(item):
                 shards.append(item)
                 continue
             matches = sorted(glob.glob(os.path.expanduser(item))) if glob.has_magic(item) else [item]
@@ -169,7 +169,7 @@ def count_from_stats(folder_or_shards: str | list[str]) -> int | None:
     total = 0
     for shard in list_shards(folder_or_shards):
         stats = _stats_path(shard)
-        if _is_url(shard) or not stats.is_file():
+        if is_url(shard) or not stats.is_file():
             return None
         try:
             total += int(json.loads(stats.read_text())["successes"])
@@ -187,7 +187,7 @@ def open_shard(shard: str, seekable: bool = True):
     schemes webdataset's gopen knows (http(s) via curl, gs, ais, hf, ...) through gopen, the rest
     (s3://, az://, ...) through fsspec (pip install fsspec s3fs).
     """
-    if not _is_url(shard):
+    if not is_url(shard):
         return open(shard, "rb")
     scheme = urlparse(shard).scheme
     if not seekable and scheme in gopen_schemes:
@@ -234,7 +234,7 @@ def _read_tar(shard, skips, columns):
 
 
 def _read_parquet(shard, skips, columns):
-    base = Path(shard).parent if not _is_url(shard) else None
+    base = Path(shard).parent if not is_url(shard) else None
     with open_shard(shard) as stream:
         rows = (row for batch in pq.ParquetFile(stream).iter_batches(batch_size=1024) for row in batch.to_pylist())
         for row_number, row in enumerate(rows):
@@ -270,7 +270,7 @@ def _parquet_image(value, base: Path | None, shard: str, column: str) -> tuple[b
         value, path = value.get("bytes"), value.get("path")
     elif isinstance(value, str):
         value, path = None, value
-    if value is None and path and _is_url(path):
+    if value is None and path and is_url(path):
         raise _url_list_error(shard, column)
     ext = Path(path).suffix.lower().lstrip(".") if path else ""
     if value is None and path:

@@ -38,7 +38,7 @@ from PIL.Image import DecompressionBombError
 from tqdm import tqdm
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .data import IMAGE_EXTS, TAR_EXTS, SkipLog, count_from_stats, decode_image, list_shards, open_shard
+from .data import IMAGE_EXTS, TAR_EXTS, SkipLog, count_from_stats, decode_image, is_url, list_shards, open_shard
 from .loss import caption_ids
 from .utils import read_json
 
@@ -57,9 +57,9 @@ class ShardSet:
 def _summary(spec: str, shards: list[str]) -> dict:
     """The shard set's summary.json: in SHARDS/ given as a folder, or beside shards that are all of it."""
     folder = Path(spec)
-    if "://" not in spec and folder.is_dir() and (folder / "summary.json").is_file():
+    if not is_url(spec) and folder.is_dir() and (folder / "summary.json").is_file():
         return read_json(folder / "summary.json")
-    parents = {Path(s).parent for s in shards if "://" not in s and not s.startswith("pipe:")}
+    parents = {Path(s).parent for s in shards if not is_url(s)}
     if len(parents) == 1 and len(shards) == len([s for s in shards if Path(s).parent in parents]):
         candidate = next(iter(parents)) / "summary.json"
         if candidate.is_file():
@@ -94,7 +94,7 @@ def open_shard_set(spec, env, train_num_samples: int | None = None, need_count: 
                          f"retrieved set, or convert the corpus with img2dataset --output_format webdataset)")
     summary = _summary(spec, shards)
     count = summary.get("count") if isinstance(summary.get("count"), int) else None
-    if count is None and not any("://" in s or s.startswith("pipe:") for s in shards):
+    if count is None and not any(is_url(s) for s in shards):
         count = count_from_stats(shards)
     count = count if count is not None else train_num_samples
     if count is None and need_count:
