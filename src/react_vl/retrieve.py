@@ -212,6 +212,9 @@ def search_chunks(env, indexes: dict, queries: np.ndarray, query_class: np.ndarr
     """This rank's chunks (every world_size-th), each written to parts/chunk-N.npz; finished ones are kept."""
     mine = list(range(env.rank, len(chunks), env.world_size))
     todo = [n for n in mine if not (parts / f"chunk-{n:06d}.npz").exists()]
+    for n in todo:  # temporary files a killed run left (its atomic writes never finished)
+        for stale in parts.glob(f".chunk-{n:06d}.npz.*.tmp"):
+            stale.unlink(missing_ok=True)
     with tqdm(total=len(mine), initial=len(mine) - len(todo), desc=f"retrieve (rank {env.rank})", unit="chunk",
               disable=not env.is_main) as bar:
         for n in todo:
