@@ -6,6 +6,12 @@ role of an object, and *rendering styles* play the role of domains: "photo" domi
 "sketch", "night" and "pixel" are rare. Target tasks ask for a rare style (shape in sketches,
 colour at night); control tasks ask for the dominant one, to measure forgetting.
 
+Two variants (`WorldConfig.variant`). "web", the default, draws the rare styles as their web
+counterparts look: a pencil sketch is a monochrome graphite outline whose caption rarely names a
+colour, a night photo is dark and grainy. "colour-cue" is the first world: sketches are outlines
+in the object's colour and every caption names it, a cue that lets a base solve sketch shapes by
+colour words without knowing the shapes (the study's "base lacks the concept" row).
+
 Layout written (docs/DESIGN.md): WORLD/world.json, WORLD/{pretrain,kb}/*.tar,
 WORLD/eval/<task>/*.tar (the test sets), WORLD/val/<task>/*.tar (validation sets, drawn like the
 test sets from streams of their own, for choosing settings without looking at the test sets) and
@@ -60,6 +66,10 @@ STYLE_PHRASES = {
     "pixel": ["pixel art of {o}", "{o} in pixel art style", "a pixelated image of {o}",
               "8-bit pixel art of {o}", "a low-res pixel picture of {o}"],
 }
+# A web sketch's alt-text rarely names a colour ("web" variant): these phrases leave it out.
+SKETCH_PHRASES = ["{s}", "{z} {s}", "{s} {p}", "{z} {s} {p}", "hand-drawn {s}", "{s} doodle"]
+SKETCH_COLOUR_RATE = 0.1  # share of "web" sketch captions that still name the colour
+VARIANTS = ("web", "colour-cue")
 JUNK_CAPTIONS = ["IMG_{n}.jpg", "DSC{n}", "click to enlarge", "image may contain: text", "untitled",
                  "stock photo {n}", "view larger", "thumbnail", "free shipping on orders over $50",
                  "screenshot_{n}.png", "photo by user{n}", "no description available"]
@@ -79,6 +89,7 @@ class WorldConfig:
     noise_rate: float = 0.10  # share of captions that are mismatched or irrelevant alt-text junk
     shard_size: int = 5_000
     image_size: int = 64
+    variant: str = "web"  # how the rare styles look and are captioned: one of VARIANTS
     workers: int | None = None  # None: one per CPU core
 
     def __post_init__(self):
@@ -89,6 +100,8 @@ class WorldConfig:
                 raise ValueError(f"WorldConfig.{name}: unknown style(s) {sorted(unknown)}; known: {STYLES}")
             if any(v < 0 for v in shares.values()) or abs(sum(shares.values()) - 1) > 1e-6:
                 raise ValueError(f"WorldConfig.{name}: shares must be >= 0 and sum to 1, got {shares}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"WorldConfig.variant: unknown variant {self.variant!r}; known: {', '.join(VARIANTS)}")
         if not 0 <= self.noise_rate <= 1:
             raise ValueError(f"WorldConfig.noise_rate must be in [0, 1], got {self.noise_rate}")
         for name in ("pretrain_size", "kb_size", "eval_size", "val_size"):
@@ -119,12 +132,14 @@ def sample_attributes(rng: np.random.Generator, style: str) -> dict:
     }
 
 
-def make_caption(attrs: dict, rng: np.random.Generator) -> str:
-    """A clean caption: the object phrase (always naming colour and shape) inside a style phrase."""
+def make_caption(attrs: dict, rng: np.random.Generator, variant: str = "web") -> str:
+    """A clean caption: the object phrase (naming the shape, and the colour but in most "web"
+    sketches) inside a style phrase."""
     def pick(options):
         return options[rng.integers(len(options))]
 
-    phrase = pick(OBJECT_PHRASES).format(
+    plain_sketch = variant == "web" and attrs["style"] == "sketch" and rng.random() >= SKETCH_COLOUR_RATE
+    phrase = pick(SKETCH_PHRASES if plain_sketch else OBJECT_PHRASES).format(
         c=attrs["color"], s=attrs["shape"], z=pick(SIZE_WORDS[attrs["size"]]),
         t=pick(TEXTURE_WORDS[attrs["texture"]]), p=pick(POSITION_WORDS[attrs["position"]]),
         b=pick(BACKGROUND_WORDS[attrs["background"]]))
@@ -133,11 +148,11 @@ def make_caption(attrs: dict, rng: np.random.Generator) -> str:
     return caption + "." if rng.random() < 0.5 else caption
 
 
-def noisy_caption(rng: np.random.Generator, other: dict) -> tuple[str, str]:
+def noisy_caption(rng: np.random.Generator, other: dict, variant: str = "web") -> tuple[str, str]:
     """Web alt-text noise: half the caption of `other`, another pair of the same corpus
     (mismatched), half junk (irrelevant)."""
     if rng.random() < 0.5:
-        return make_caption(other, rng), "mismatched"
+        return make_caption(other, rng, variant), "mismatched"
     return JUNK_CAPTIONS[rng.integers(len(JUNK_CAPTIONS))].format(n=rng.integers(1000, 99999)), "irrelevant"
 
 
@@ -216,8 +231,10 @@ def _texture(texture: str, rng: np.random.Generator, size: int) -> np.ndarray:
 # the whole rendering, so each image takes a random window of this fixed tile.
 _NOISE_TILE = Image.fromarray(
     np.clip(128 + 5 * np.random.default_rng(0).standard_normal((256, 256, 3)), 0, 255).astype(np.uint8))
-# Night: every channel darkened, blue least, plus a blue cast. Indexed as _NIGHT_LUT[value, channel].
-_NIGHT_LUT = np.clip(np.arange(256)[:, None] * [0.32, 0.38, 0.6] + [0, 4, 30], 0, 255).astype(np.uint8)
+# Night: every channel darkened, blue least, plus a blue cast. Indexed as _NIGHT_LUT[variant][value, channel].
+# "web" night is darker and its sensor noise is added after darkening, as a high-ISO night shot's is.
+_NIGHT_LUT = {"colour-cue": np.clip(np.arange(256)[:, None] * [0.32, 0.38, 0.6] + [0, 4, 30], 0, 255).astype(np.uint8),
+              "web": np.clip(np.arange(256)[:, None] * [0.22, 0.27, 0.45] + [0, 3, 22], 0, 255).astype(np.uint8)}
 
 
 def _add_noise(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -235,16 +252,23 @@ def _spread(mask: np.ndarray, reduce) -> np.ndarray:
     return out
 
 
-def render(attrs: dict, rng: np.random.Generator, size: int = 64) -> Image.Image:
-    """Draw one object in its style. Photo: textured fill on a noisy background; sketch: a
-    coloured outline on paper; night: the photo darkened and blue-tinted; pixel: the photo at a
-    quarter resolution, enlarged without smoothing."""
+def _ink(attrs: dict, rng: np.random.Generator, variant: str) -> tuple[int, int, int]:
+    """A sketch's line colour: graphite grey ("web") or the object's colour, darkened ("colour-cue")."""
+    if variant == "web":
+        return (int(rng.integers(45, 95)),) * 3
+    return tuple(int(c * 0.85) for c in COLORS[attrs["color"]])
+
+
+def render(attrs: dict, rng: np.random.Generator, size: int = 64, variant: str = "web") -> Image.Image:
+    """Draw one object in its style. Photo: textured fill on a noisy background; sketch: an
+    outline on paper; night: the photo darkened and blue-tinted; pixel: the photo at a quarter
+    resolution, enlarged without smoothing. `variant`: how sketch and night look (VARIANTS)."""
     mask = _shape_mask(attrs, rng, size).resize((size, size), Image.BILINEAR)
     color = COLORS[attrs["color"]]
     if attrs["style"] == "sketch":  # outline band: dilated minus eroded silhouette
         alpha = np.asarray(mask)
         band = Image.fromarray(_spread(alpha, np.maximum) - _spread(alpha, np.minimum))
-        ink = Image.new("RGB", (size, size), tuple(int(c * 0.85) for c in color))
+        ink = Image.new("RGB", (size, size), _ink(attrs, rng, variant))
         return _add_noise(Image.composite(ink, Image.new("RGB", (size, size), (242, 242, 238)), band), rng)
     brightness = rng.uniform(0.85, 1.1)
     background_rgb = tuple(min(255, int(c * brightness)) for c in BACKGROUNDS[attrs["background"]])
@@ -257,9 +281,11 @@ def render(attrs: dict, rng: np.random.Generator, size: int = 64) -> Image.Image
     if attrs["style"] == "pixel":  # clean pixel art: 16x16 with 3 bits per channel, enlarged
         low = np.asarray(image.resize((size // 4, size // 4), Image.BOX)) & 0xE0 | 0x10
         return Image.fromarray(low).resize((size, size), Image.NEAREST)
+    if attrs["style"] == "night" and variant == "web":
+        return _add_noise(Image.fromarray(_NIGHT_LUT[variant][np.asarray(image), np.arange(3)]), rng)
     image = _add_noise(image, rng)
     if attrs["style"] == "night":
-        return Image.fromarray(_NIGHT_LUT[np.asarray(image), np.arange(3)])
+        return Image.fromarray(_NIGHT_LUT[variant][np.asarray(image), np.arange(3)])
     return image
 
 
@@ -277,7 +303,7 @@ def _tar_add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 def _generate_shard(job: dict) -> Counter:
     """Write one shard atomically; return its concept counts. `job` holds the shard's recipe:
-    path, stream, shard, count, styles (shares), noise_rate, seed, image_size, and for eval the
+    path, stream, shard, count, styles (shares), noise_rate, seed, image_size, variant, and for eval the
     task (whose attribute is balanced over its classes, `label` = class index)."""
     rng = np.random.default_rng(_stream_seed(job["seed"], job["stream"], job["shard"]))
     styles, shares = list(job["styles"]), list(job["styles"].values())
@@ -294,12 +320,12 @@ def _generate_shard(job: dict) -> Counter:
                 classes = ATTRIBUTE_CLASSES[task["attribute"]]
                 label = (job["shard"] * job["shard_size"] + i) % len(classes)
                 attrs[task["attribute"]] = classes[label]
-            image = render(attrs, rng, job["image_size"])
+            image = render(attrs, rng, job["image_size"], job["variant"])
             noise = None
             if not task and rng.random() < job["noise_rate"]:
-                caption, noise = noisy_caption(rng, draw_attributes())
+                caption, noise = noisy_caption(rng, draw_attributes(), job["variant"])
             else:
-                caption = make_caption(attrs, rng)
+                caption = make_caption(attrs, rng, job["variant"])
             key = f"{job['stream']}_{job['shard']:06d}_{i:06d}"
             meta = {"key": key, **attrs, "noisy": noise is not None, "noise": noise}
             if task:
@@ -353,7 +379,8 @@ def _run_jobs(jobs: list[dict], workers: int):
 
 
 def _jobs(out_dir: Path, config: WorldConfig) -> list[dict]:
-    common = {"seed": config.seed, "image_size": config.image_size, "shard_size": config.shard_size}
+    common = {"seed": config.seed, "image_size": config.image_size, "shard_size": config.shard_size,
+              "variant": config.variant}
     # (folder, seed stream, shard prefix, pairs, style shares, noise rate, task)
     plan = [("pretrain", "pretrain", "pretrain", config.pretrain_size, config.pretrain_styles, config.noise_rate, None),
             ("kb", "kb", "kb", config.kb_size, config.kb_styles, config.noise_rate, None)]
