@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from react_vl.demo import RANDOM_CONTROL, DemoConfig, run_demo
+from react_vl.demo import RANDOM_CONTROL, DemoConfig, check_bars, run_demo
 from react_vl.experiment import cache_key, check_precondition, pretrain_base
 
 
@@ -44,6 +44,8 @@ def test_shrunken_demo_runs_every_stage(tiny_world, tiny_world_config, tmp_path,
     assert "REACT's precondition (validation sets): " + ("met" if precondition["passed"] else "NOT met") in printed
     failed = [c for c in precondition["criteria"] if not c["passed"]]
     assert printed.count("WARNING: ") == len(failed) and precondition["passed"] == (not failed)
+    assert written["bars"] == check_bars(written["tasks"])  # the bars, checked on these test scores and printed
+    assert "The demo's bars (test sets, this seed): " + ("met" if written["bars"]["passed"] else "missed") in printed
     assert (tmp_path / "precondition" / "results.json").is_file()
     val_counts = [r["base"]["count"] for r in
                   json.loads((tmp_path / "precondition" / "results.json").read_text())["zero_shot"].values()]
@@ -82,6 +84,13 @@ def test_demo_and_study_commands_pass_the_base_model_options(monkeypatch):
     assert seen["demo"].mix_ratio == DemoConfig().mix_ratio > 0
     assert seen["study"] == StudyConfig(base_steps=7, base_batch=512)  # the study's own short schedule
     assert cache_key(seen["demo"]) == cache_key(seen["study"])  # one cached base model serves both
+    web_key = cache_key(seen["demo"])
+    for command in ("demo", "study"):  # the "base lacks the concept" world: another world, another base
+        result = CliRunner().invoke(cli.main, [command, "--base-batch", "512", "--base-steps", "7",
+                                               "--world-variant", "colour-cue"])
+        assert result.exit_code == 0, result.output
+        assert seen[command].world.variant == "colour-cue"
+    assert cache_key(seen["demo"]) == cache_key(seen["study"]) != web_key
 
 
 # a base that meets REACT's precondition on the validation sets (8 classes per task: chance 12.5%)
@@ -119,6 +128,20 @@ def test_precondition_fails_each_criterion_the_base_misses():
                       ("base", "pretraining time")}
     with pytest.raises(ValueError, match=r"missing: \['mini-color-night'\]"):
         check_precondition({k: v for k, v in scores.items() if k != "mini-color-night"}, 1.0, cosines)
+
+
+def test_bars_need_gain_over_base_and_random_on_every_target_and_controls_within_tolerance():
+    def row(role, base, gated, random):
+        return {"role": role, "base": base, "gated-image": gated, RANDOM_CONTROL: random}
+
+    tasks = {"mini-shape-sketch": row("target", 60.0, 66.0, 61.0), "mini-color-night": row("target", 50.0, 58.0, 54.0),
+             "mini-shape-photo": row("control", 95.0, 93.5, 95.0), "mini-color-photo": row("control", 98.0, 99.0, 98.0)}
+    met = check_bars(tasks)
+    assert met["passed"] and len(met["bars"]) == 2 * 2 + 2
+    missed = check_bars({**tasks, "mini-color-night": row("target", 50.0, 58.0, 56.0),  # only +2 over random
+                         "mini-shape-photo": row("control", 95.0, 92.5, 95.0)})  # -2.5 on a control
+    assert {(b["task"], b["bar"]) for b in missed["bars"] if not b["passed"]} == {
+        ("mini-color-night", "gated-image over the random subset"), ("mini-shape-photo", "control change (gated-image)")}
 
 
 def test_merged_retrieved_sets_keep_each_parts_rejections(tmp_path):

@@ -12,7 +12,7 @@ import click
 from .demo import DemoConfig, run_demo
 from .experiment import BASE_CACHE
 from .train_config import TrainConfig
-from .world import WorldConfig
+from .world import VARIANTS, WorldConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -40,13 +40,17 @@ def main():
 @click.option("--noise-rate", default=WorldConfig.noise_rate,
               help="Share of corpus captions that are mismatched or irrelevant junk.")
 @click.option("--shard-size", default=WorldConfig.shard_size, help="Pairs per webdataset shard.")
+@click.option("--variant", default=WorldConfig.variant, type=click.Choice(VARIANTS),
+              help="How the rare styles look: 'web' (monochrome pencil sketches whose captions rarely name a "
+                   "colour, dark grainy nights) or 'colour-cue' (the first world: sketches in the object's colour).")
 @click.option("--workers", default=None, type=int, help="Generator processes [default: one per CPU core].")
-def world(out, seed, pretrain_size, kb_size, eval_size, val_size, noise_rate, shard_size, workers):
+def world(out, seed, pretrain_size, kb_size, eval_size, val_size, noise_rate, shard_size, variant, workers):
     """Generate the mini world: pretraining corpus, knowledge base and evaluation tasks as shards."""
     from .world import generate_world
 
     config = WorldConfig(seed=seed, pretrain_size=pretrain_size, kb_size=kb_size, eval_size=eval_size,
-                         val_size=val_size, noise_rate=noise_rate, shard_size=shard_size, workers=workers)
+                         val_size=val_size, noise_rate=noise_rate, shard_size=shard_size, variant=variant,
+                         workers=workers)
     summary = generate_world(out, config)
     click.echo(f"{out}: {summary['shards']['total']} shards ({summary['shards']['reused']} reused), "
                f"{summary['pairs_per_second']} pairs/s; counts in {out}/world.json")
@@ -393,7 +397,12 @@ def _report_gate_scale(results: dict, out: str) -> None:
 
 # --- demo / study ------------------------------------------------------------------------------
 def base_model_options(command):
-    """--base-steps and --base-batch: the demo and the study train, or reuse from the cache, the same base."""
+    """--world-variant, --base-steps and --base-batch: the demo and the study train, or reuse from the
+    cache, the same base on the same world."""
+    command = click.option("--world-variant", default=WorldConfig.variant, type=click.Choice(VARIANTS),
+                           help="The mini world's variant: 'web' (rare styles as the web shows them) or "
+                                "'colour-cue' (sketches in the object's colour: a base that lacks the shape "
+                                "concept can name sketches by colour words).")(command)
     command = click.option("--base-batch", default=DemoConfig.base_batch,
                            help="Pretraining batch size of the base model.")(command)
     return click.option("--base-steps", default=DemoConfig.base_steps,
@@ -413,7 +422,8 @@ def base_model_options(command):
 @click.option("--cache-dir", default=BASE_CACHE, help="Where trained base models are kept for reuse; "
               "'' turns the cache off.")
 @click.option("--workers", default=DemoConfig.workers, type=int, help="Data-loading worker processes.")
-def demo(out, seed, base_steps, base_batch, steps, mix_ratio, no_random_control, cache_dir, workers):
+def demo(out, seed, base_steps, base_batch, world_variant, steps, mix_ratio, no_random_control, cache_dir,
+         workers):
     """Run the whole pipeline offline on the mini world and write a report.
 
     Generates the mini world, pretrains a small CLIP from scratch (cached: a second demo reuses
@@ -421,8 +431,9 @@ def demo(out, seed, base_steps, base_batch, steps, mix_ratio, no_random_control,
     the base model (gated-image, locked-text, and gated-image on a random subset as a control)
     and evaluates base vs customized on target and control tasks. Sized for a 2-core CPU.
     """
-    config = DemoConfig(world=WorldConfig(seed=seed), seed=seed, base_steps=base_steps, base_batch=base_batch,
-                        steps=steps, mix_ratio=mix_ratio, random_control=not no_random_control, workers=workers)
+    config = DemoConfig(world=WorldConfig(seed=seed, variant=world_variant), seed=seed, base_steps=base_steps,
+                        base_batch=base_batch, steps=steps, mix_ratio=mix_ratio, random_control=not no_random_control,
+                        workers=workers)
     run_demo(out, config, cache_dir=cache_dir or None)
 
 
@@ -436,7 +447,7 @@ def demo(out, seed, base_steps, base_batch, steps, mix_ratio, no_random_control,
                                                                           "layers", "forgetting", "schedule"]),
               help="Run only these ablations (repeatable) [default: all].")
 @base_model_options
-def study(out, quick, seeds, ablations, base_steps, base_batch):
+def study(out, quick, seeds, ablations, base_steps, base_batch, world_variant):
     """The paper's ablations on the mini world, with seeds, mean and spread.
 
     Strategy table (with trainable parameters), retrieved vs random vs oracle subsets of equal
@@ -449,7 +460,8 @@ def study(out, quick, seeds, ablations, base_steps, base_batch):
     """
     from .study import ABLATIONS, StudyConfig, run_study
 
-    run_study(out, quick=quick, config=StudyConfig(base_steps=base_steps, base_batch=base_batch),
+    config = StudyConfig(world=WorldConfig(variant=world_variant), base_steps=base_steps, base_batch=base_batch)
+    run_study(out, quick=quick, config=config,
               seeds=seeds if seeds is not None else 1 if quick else 3, ablations=ablations or ABLATIONS)
 
 

@@ -25,6 +25,9 @@ from .experiment import (BASE_CACHE, ExperimentConfig, StageClock, check_precond
 from .utils import read_json, write_json
 
 RANDOM_CONTROL = "gated-image (random subset)"
+# The demo's bars (issue 16), checked on the test sets of one seed and reported either way
+TARGET_GAIN_MIN = 5.0  # gated-image over base, every target
+OVER_RANDOM_MIN = 3.0  # gated-image over the random subset of the same size, every target
 
 
 @dataclass
@@ -98,6 +101,7 @@ def run_demo(out: str | Path = "react-vl-demo", config: DemoConfig | None = None
                            out=demo_dir / "eval", workers=config.workers)
 
     summary = demo_summary(demo_dir, config, results, ["base", *runs], count, merged, clock, precondition)
+    summary["bars"] = check_bars(summary["tasks"])
     write_json(summary, demo_dir / "summary.json")
     with clock("report", "write the HTML report"):
         write_report(demo_dir)
@@ -171,6 +175,30 @@ def _slug(label: str) -> str:
     return label.replace(" (", "-").replace(")", "").replace(" ", "-")
 
 
+def check_bars(tasks: dict) -> dict:
+    """The demo's bars on its test scores: gated-image at least TARGET_GAIN_MIN points over base and
+    OVER_RANDOM_MIN over the random subset on every target, every control within CONTROL_TOLERANCE
+    points of base. One record per (bar, task): value, bar, pass."""
+    from .experiment import CONTROL_TOLERANCE
+
+    bars = []
+    for name, row in tasks.items():
+        if "gated-image" not in row:
+            continue
+        if row["role"] == "target":
+            bars.append({"bar": "gated-image gain over base", "task": name,
+                         "value": round(row["gated-image"] - row["base"], 2), "min": TARGET_GAIN_MIN})
+            if RANDOM_CONTROL in row:
+                bars.append({"bar": "gated-image over the random subset", "task": name,
+                             "value": round(row["gated-image"] - row[RANDOM_CONTROL], 2), "min": OVER_RANDOM_MIN})
+        else:
+            bars.append({"bar": "control change (gated-image)", "task": name,
+                         "value": round(row["gated-image"] - row["base"], 2), "min": -CONTROL_TOLERANCE})
+    for bar in bars:
+        bar["passed"] = bool(bar["value"] >= bar["min"])
+    return {"passed": all(b["passed"] for b in bars), "split": "eval", "bars": bars}
+
+
 def print_table(summary: dict) -> None:
     labels = [k for k in next(iter(summary["tasks"].values())) if k not in ("role", "metric")]
     print("\n" + " | ".join(["task", "role"] + labels))
@@ -180,3 +208,7 @@ def print_table(summary: dict) -> None:
     failed = [f"{c['task']} {c['criterion']}" for c in summary["precondition"]["criteria"] if not c["passed"]]
     print("REACT's precondition on the base (validation sets): "
           + (f"NOT met: {'; '.join(failed)}" if failed else "met"))
+    if "bars" in summary:
+        missed = [f"{b['task']} {b['bar']} {b['value']:+.1f} (bar >= {b['min']:+g})"
+                  for b in summary["bars"]["bars"] if not b["passed"]]
+        print("The demo's bars (test sets, this seed): " + (f"missed: {'; '.join(missed)}" if missed else "met"))
