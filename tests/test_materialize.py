@@ -1,5 +1,6 @@
 """materialize: a hand-made retrieved set over tiny_world's embedded KB becomes training shards."""
 
+import hashlib
 import io
 import json
 import signal
@@ -51,6 +52,9 @@ def test_materialize_streams_original_pairs_into_shards(world_kb, tmp_path):
     pq.write_table(pa.Table.from_pylist([remote, lost, nowhere] + rows), tmp_path / "R" / "retrieved.parquet")
 
     summary = materialize(tmp_path / "R", tmp_path / "shards", maxcount=100, run_img2dataset=False, progress=False)
+    assert summary["lineage"] == {"retrieved": str((tmp_path / "R").resolve()), "fingerprint": {
+        "retrieved_sha256": hashlib.sha256((tmp_path / "R" / "retrieved.parquet").read_bytes()).hexdigest(),
+        "curation_sha256": None}}, "the set the shards come from, for the trainer to record"
 
     originals = {(p.shard, p.key): p for p in iter_corpus(sorted({r["shard"] for r in rows}))}
     samples = list(wds.WebDataset([str(tmp_path / "shards" / name) for name in summary["shards"]], shardshuffle=False))

@@ -15,6 +15,7 @@ import time
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -51,10 +52,16 @@ def world_kb(tiny_world, tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(world_kb):
     """The base URL of a uvicorn server in this process, serving the KB and R."""
+    kb, retrieved = world_kb
+    with _serving(create_app(Backend(kb), [retrieved])) as url:
+        yield url
+
+
+@contextmanager
+def _serving(app):
+    """The base URL of a uvicorn server in this process running `app` on a free localhost port."""
     import uvicorn
 
-    kb, retrieved = world_kb
-    app = create_app(Backend(kb), [retrieved])
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     instance = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -64,9 +71,11 @@ def server(world_kb):
     while not instance.started and time.time() < deadline:
         time.sleep(0.05)
     assert instance.started, "the server did not start"
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    instance.should_exit = True
-    thread.join(10)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        instance.should_exit = True
+        thread.join(10)
 
 
 def _post(url: str, body, content_type: str | None = None) -> tuple[int, object]:
@@ -340,6 +349,110 @@ def test_lineage_names_the_sets_holding_a_pair(server, world_kb, tmp_path):
     assert curation.sets_holding([row["id"], 99 << 32], {"copy": copy})["copy"][0]["decision"] == "reject"
 
 
+@pytest.fixture(scope="module")
+def trained_run(world_kb, tiny_world, tmp_path_factory):
+    """(R, RUNS, ids, sha256): a copy R of the retrieved set with its first pair rejected,
+    materialized and trained on for 2 steps (mini-vit-test gated-image, a quarter of each batch
+    mixed in from the world's pretraining shards) into RUNS/gated; ids: R's pair ids in file order;
+    sha256: of R's retrieved.parquet and curation.json then (tests change them later)."""
+    import hashlib
+
+    from react_vl.materialize import materialize
+    from react_vl.train import TrainConfig, train
+
+    kb, retrieved = world_kb
+    root = tmp_path_factory.mktemp("lineage")
+    copy = root / "trained"
+    copy.mkdir()
+    for name in ("retrieved.parquet", "summary.json"):
+        shutil.copy(retrieved / name, copy / name)
+    ids = pq.read_table(copy / "retrieved.parquet", columns=["id"]).column("id").to_pylist()
+    curation.record_decisions(copy, ids[:1], "reject", who="ana")
+    sha256 = {f"{name}_sha256": hashlib.sha256((copy / f"{name}.{ext}").read_bytes()).hexdigest()
+              for name, ext in (("retrieved", "parquet"), ("curation", "json"))}
+    materialize(copy, root / "shards", kb=kb, progress=False)
+    train(TrainConfig(str(root / "shards"), root / "runs" / "gated", model="mini-vit-test", steps=2, batch_size=8,
+                      workers=1, mix_shards=str(tiny_world / "pretrain"), mix_ratio=0.25, text_embeddings=False,
+                      log_every=1, checkpoint_every=2))
+    return copy, root / "runs", ids, sha256
+
+
+def test_materialize_and_train_record_the_lineage(trained_run, tiny_world):
+    from react_vl.models import read_checkpoint_meta
+
+    retrieved, runs, _, sha256 = trained_run
+    shards = runs.parent / "shards"
+    recorded = {"retrieved": str(retrieved.resolve()), "fingerprint": sha256}
+    assert json.loads((shards / "summary.json").read_text())["lineage"] == recorded
+    expected = [{"shards": str(shards), **recorded},
+                {"shards": str(tiny_world / "pretrain"), "retrieved": None, "fingerprint": None}]
+    assert read_checkpoint_meta(runs / "gated" / "model.pt")["lineage"] == expected
+    assert json.loads((runs / "gated" / "summary.json").read_text())["lineage"] == expected
+
+
+def test_lineage_names_the_runs_trained_on_a_pair(world_kb, trained_run):
+    kb, retrieved = world_kb
+    copy, runs, ids, _ = trained_run
+    outsider = next(i for i in KnowledgeBase(kb).metadata(["id"]).column("id").to_pylist() if i not in ids)
+    with _serving(create_app(Backend(kb), [retrieved, copy], runs=[runs])) as url:
+        answer = json.loads(_get(f"{url}/api/lineage/{ids[1]}")[1])
+        assert [s["set"] for s in answer["sets"]] == ["r", "trained"]
+        assert [(r["run"], r["set"], r["standing"], r["used"]) for r in answer["runs"]] == \
+            [("gated", "trained", "unchanged", True)]
+        assert [u["why"] for u in answer["untraced"]] == ["shards not materialized from a retrieved set"]
+        rejected = json.loads(_get(f"{url}/api/lineage/{ids[0]}")[1])
+        assert [(r["run"], r["used"]) for r in rejected["runs"]] == [("gated", False)], "rejected: left out"
+        assert json.loads(_get(f"{url}/api/lineage/{outsider}")[1])["runs"] == []
+
+        status, takedown = _post(f"{url}/api/lineage", {"ids": [outsider, ids[2], ids[0], ids[1]]})
+        assert status == 200 and len(takedown["runs"]) == 1
+        assert takedown["runs"][0]["used"] == sorted(ids[1:3]) and takedown["runs"][0]["rejected"] == ids[:1]
+        assert sorted(takedown["sets"]) == ["r", "trained"]
+        assert _post(f"{url}/api/lineage", {"ids": [outsider]})[1]["runs"] == []
+
+        originals = {name: (copy / name).read_bytes() for name in ("retrieved.parquet", "curation.json")}
+        try:
+            curation.record_decisions(copy, ids[3:4], "reject", who="ben")  # after the run: not what it saw
+            changed = json.loads(_get(f"{url}/api/lineage/{ids[1]}")[1])["runs"]
+            assert [(r["standing"], r["used"]) for r in changed] == [("curation changed", None)]
+            table = pq.read_table(copy / "retrieved.parquet")
+            pq.write_table(table.slice(1), copy / "retrieved.parquet")  # retrieved again: other pairs
+            changed = _post(f"{url}/api/lineage", {"ids": ids[1:3]})[1]["runs"]
+            assert [(r["set"], r["standing"], r["possibly"]) for r in changed] == \
+                [("r", "curation changed", ids[1:3])], "r holds the very pairs the run's set held"
+            listed = json.loads(_get(f"{url}/api/runs")[1])
+            assert [(r["run"], [e["set"] for e in r["lineage"]]) for r in listed] == [("gated", ["r", None])]
+            assert json.loads(_get(f"{url}/api/info")[1])["runs"] == ["gated"]
+            entry = json.loads((runs / "gated" / "summary.json").read_text())["lineage"][0]
+            assert curation.standing(entry, {"trained": copy}, {"trained": curation.fingerprint(copy)}) == \
+                ("trained", "set changed")
+            assert curation.standing(entry, {"r": retrieved}, {"r": {"retrieved_sha256": "other"}}) is None
+        finally:  # as trained on, for the page test
+            for name, data in originals.items():
+                (copy / name).write_bytes(data)
+
+
+@pytest.mark.parametrize("body, status, message", [
+    (b"{not json", 400, "not JSON"), ({"ids": "1,2"}, 400, "ids must be a list"), ({"ids": []}, 400, "non-empty"),
+    ({"ids": [1, "2"]}, 400, "integers"), ({"ids": list(range(100_001))}, 413, "send the list in parts")])
+def test_bad_takedown_lists_get_a_clear_4xx(server, body, status, message):
+    got, answer = _post(f"{server}/api/lineage", body)
+    assert got == status and message in answer["detail"]
+
+
+def test_runs_folder_without_runs_is_named(tmp_path):
+    from react_vl.curation import find_runs
+
+    with pytest.raises(FileNotFoundError, match="no run in it"):
+        find_runs([tmp_path])
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        find_runs([tmp_path / "nowhere"])
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "model.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="not a readable checkpoint"):
+        find_runs([tmp_path])
+
+
 def test_class_view_ranks_each_mode_and_shows_the_noise(world_kb):
     _, retrieved = world_kb
     rows = [r for r in pq.read_table(retrieved / "retrieved.parquet").to_pylist() if "circle" in r["classes"]]
@@ -428,11 +541,12 @@ def test_fifty_concurrent_queries_all_answer(server):
 
 
 # --- the command ----------------------------------------------------------------------------------
-def test_cli_serves_and_warns_off_localhost(world_kb, free_port):
+def test_cli_serves_and_warns_off_localhost(world_kb, trained_run, free_port):
     kb, retrieved = world_kb
     port = free_port
     process = subprocess.Popen([sys.executable, "-m", "react_vl.cli", "serve", str(kb), "--retrieved", str(retrieved),
-                                "--host", "0.0.0.0", "--port", str(port)], stderr=subprocess.PIPE, text=True)
+                                "--host", "0.0.0.0", "--port", str(port), "--runs", str(trained_run[1])],
+                               stderr=subprocess.PIPE, text=True)
     try:
         lines = []
         for line in process.stderr:
@@ -442,6 +556,7 @@ def test_cli_serves_and_warns_off_localhost(world_kb, free_port):
         assert any("warning: serving on 0.0.0.0" in line for line in lines), lines
         status, body, _ = _get(f"http://127.0.0.1:{port}/indices-list")
         assert status == 200 and json.loads(body) == ["kb"]
+        assert [r["run"] for r in json.loads(_get(f"http://127.0.0.1:{port}/api/runs")[1])] == ["gated"]
     finally:
         process.terminate()
         process.wait(10)
@@ -552,6 +667,24 @@ def test_page_searches_from_the_url_by_click_and_curates(server, world_kb, chrom
         browser.close()
         if pair is not None:
             curation.record_decisions(retrieved, [pair], "accept", who="test cleanup")
+
+
+def test_page_names_the_runs_under_each_pair(world_kb, trained_run, chromium, tmp_path):
+    kb, _ = world_kb
+    copy, runs, ids, _ = trained_run
+    with _serving(create_app(Backend(kb), [copy], runs=[runs])) as url:
+        browser = DevTools(chromium, tmp_path / "profile")
+        try:
+            browser.send("Page.navigate", url=f"{url}/?set=trained&class=circle")
+            lines = browser.wait_for("""(() => { const cards = [...document.querySelectorAll('#class-view .result')];
+              return cards.length && cards.every(c => c.querySelector('.lineage')) &&
+                cards.map(c => [Number(c.dataset.id), c.querySelector('.lineage').textContent]); })()""")
+            assert "trained into gated" in {text for _, text in lines}
+            assert {text for _, text in lines} <= {"trained into gated", "in no run"}
+            assert all((text == "in no run") == (pair == ids[0]) for pair, text in lines), lines
+            assert browser.errors == []
+        finally:
+            browser.close()
 
 
 def test_broken_images_are_hidden(server, chromium, tmp_path):

@@ -487,12 +487,16 @@ def report(demo_dir):
               help="Accept image_url queries, which make the server download the URL.")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where the memory-mapped metadata copies go [default: KB/serve-cache].")
-def serve(kb, retrieved, host, port, allow_image_urls, cache_dir):
+@click.option("--runs", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="A training run (RUN/ of `react-vl customize`) or a folder of runs, for lineage: which runs "
+                   "were trained on a pair (GET /api/lineage/ID, POST /api/lineage {ids}); repeatable.")
+def serve(kb, retrieved, host, port, allow_image_urls, cache_dir, runs):
     """Serve KB over HTTP: clip-retrieval's kNN protocol (its ClipClient and front work against
     it) and a page at http://HOST:PORT/ to search it, view retrieved sets and curate them."""
     from .serve import serve as serve_kb
 
-    serve_kb(kb, list(retrieved), host=host, port=port, allow_image_urls=allow_image_urls, cache_dir=cache_dir)
+    serve_kb(kb, list(retrieved), host=host, port=port, allow_image_urls=allow_image_urls, cache_dir=cache_dir,
+             runs=list(runs))
 
 
 if __name__ == "__main__":

@@ -10,8 +10,9 @@ when) and a log of every action. `react-vl serve KB --retrieved R` shows the vie
 and writes the decisions; `materialize` drops the rejected pairs.
 
 For lineage, `fingerprint(R)` is what a customized checkpoint records of the set and its
-curation (the sha256 of both files), and `sets_holding(ids, sets)` lists, for a takedown list of
-pair ids, which retrieved sets hold them.
+curation (the sha256 of both files; materialize puts it in SHARDS/summary.json, train copies it
+into model.pt), `sets_holding(ids, sets)` lists, for a takedown list of pair ids, which retrieved
+sets hold them, and `runs_using(ids, find_runs(["runs/"]), sets, ...)` which training runs used them.
 
 A report card summarises one class of R/retrieved.parquet: how many pairs, how many both
 modes found (t2t and t2i), a histogram of each mode's scores, how close the class's prompt
@@ -105,9 +106,10 @@ def rejected_ids(retrieved_dir: str | Path) -> set[int]:
 
 
 # --- lineage --------------------------------------------------------------------------------------
-def fingerprint(retrieved_dir: str | Path) -> dict:
-    """sha256 of R/retrieved.parquet and of R/curation.json (None when there is none): what a
-    customized checkpoint records so that the pairs it was trained on can be traced."""
+def fingerprint(retrieved: str | Path) -> dict:
+    """sha256 of R/retrieved.parquet (or of the retrieved parquet given) and of R/curation.json
+    (None when there is none): what a customized checkpoint records so that the pairs it was
+    trained on can be traced."""
     def sha256(path: Path) -> str | None:
         if not path.is_file():
             return None
@@ -117,8 +119,10 @@ def fingerprint(retrieved_dir: str | Path) -> dict:
                 digest.update(block)
         return digest.hexdigest()
 
-    return {"retrieved_sha256": sha256(retrieved_file(retrieved_dir)),
-            "curation_sha256": sha256(Path(retrieved_dir) / CURATION_FILE)}
+    path = Path(retrieved)
+    folder = path if path.is_dir() else path.parent
+    return {"retrieved_sha256": sha256(retrieved_file(folder) if path.is_dir() else path),
+            "curation_sha256": sha256(folder / CURATION_FILE)}
 
 
 def sets_holding(ids, retrieved_dirs: dict[str, Path]) -> dict[str, list[dict]]:
@@ -136,6 +140,92 @@ def sets_holding(ids, retrieved_dirs: dict[str, Path]) -> dict[str, list[dict]]:
         if rows:
             found[name] = rows
     return found
+
+
+STANDINGS = ("unchanged", "curation changed", "set changed")  # a run's retrieved set now, best match first
+
+
+def find_runs(folders) -> dict[str, dict]:
+    """The training runs in `folders`, each a run folder (RUN/model.pt, as customize writes it) or a
+    folder holding run folders at any depth: {name: {"path", "lineage"}}, named by their path
+    below the folder given (a run folder given: its own name). lineage is the record train
+    stores in model.pt's metadata (None for a checkpoint without one)."""
+    from .models import read_checkpoint_meta
+
+    runs = {}
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise FileNotFoundError(f"--runs {folder}: no such folder (give a run folder, the --out of `react-vl "
+                                    f"customize`, or a folder of them)")
+        found = [folder] if (folder / "model.pt").is_file() else sorted({p.parent for p in folder.rglob("model.pt")})
+        if not found:
+            raise FileNotFoundError(f"--runs {folder}: no run in it (no model.pt, which `react-vl customize` writes)")
+        for run in found:
+            name = run.name if run == folder else str(run.relative_to(folder))
+            name = str(run) if name in runs else name
+            try:
+                lineage = read_checkpoint_meta(run / "model.pt").get("lineage")
+            except Exception as err:  # noqa: BLE001 - torch.load raises many kinds on a broken file
+                raise ValueError(f"{run / 'model.pt'} is not a readable checkpoint ({err})") from err
+            runs[name] = {"path": str(run), "lineage": lineage}
+    return runs
+
+
+def standing(entry: dict, sets: dict[str, Path], fingerprints: dict[str, dict]) -> tuple[str, str] | None:
+    """(served set, how it stands) for one lineage entry of a run: the set whose retrieved file is
+    the one recorded ("unchanged", or "curation changed" when R/curation.json differs), else the
+    set in the folder recorded ("set changed": other pairs were retrieved since); None when no
+    served set is either."""
+    if entry.get("retrieved") is None:
+        return None
+    recorded, best = entry.get("fingerprint") or {}, None
+    for name, folder in sets.items():
+        now = fingerprints[name]
+        same_folder = Path(entry["retrieved"]) == Path(folder).resolve()
+        if recorded.get("retrieved_sha256") == now["retrieved_sha256"]:
+            state = "unchanged" if recorded.get("curation_sha256") == now["curation_sha256"] else "curation changed"
+        elif same_folder:
+            state = "set changed"
+        else:
+            continue
+        rank = (STANDINGS.index(state), not same_folder)
+        if best is None or rank < best[0]:
+            best = (rank, name, state)
+    return best[1:] if best else None
+
+
+def runs_using(ids, runs: dict[str, dict], sets: dict[str, Path], fingerprints: dict[str, dict]) -> dict:
+    """For pair ids (one, or a takedown list): the served sets holding them and the runs trained on
+    those sets. Returns {"sets": sets_holding(ids, sets), "runs": [{"run", "path", "shards", "set",
+    "standing", "used", "possibly", "rejected"}], "untraced": [{"run", "shards", "retrieved", "why"}]}.
+
+    Per run and shard set: `used`, the ids the set holds and its curation did not reject (the set
+    and its curation are as they were when the shards were materialized); `possibly`, the ids the
+    set holds when it or its curation changed since; `rejected`, those left out by the curation.
+    Runs whose sets hold none of the ids are left out; `untraced` lists the shard sets that cannot
+    be checked (no retrieved set recorded, or one not served)."""
+    held = sets_holding(ids, sets)
+    found, untraced = [], []
+    for run, record in runs.items():
+        for entry in record["lineage"] or [{"shards": None, "retrieved": None}]:
+            match = standing(entry, sets, fingerprints)
+            if match is None:
+                why = "no lineage record" if record["lineage"] is None else \
+                    "shards not materialized from a retrieved set" if entry.get("retrieved") is None else \
+                    "its retrieved set is not served (add it with --retrieved)"
+                untraced.append({"run": run, "shards": entry.get("shards"), "retrieved": entry.get("retrieved"),
+                                 "why": why})
+                continue
+            rows = held.get(match[0], [])
+            if not rows:
+                continue
+            known = match[1] == "unchanged"
+            found.append({"run": run, "path": record["path"], "shards": entry["shards"], "set": match[0],
+                          "standing": match[1],
+                          "used": [r["id"] for r in rows if known and r["decision"] != "reject"],
+                          "possibly": [r["id"] for r in rows if not known],
+                          "rejected": [r["id"] for r in rows if known and r["decision"] == "reject"]})
+    return {"sets": held, "runs": found, "untraced": untraced}
 
 
 # --- reading the retrieved set -------------------------------------------------------------------

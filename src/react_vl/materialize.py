@@ -17,7 +17,8 @@ pretrained, dim, text tower fingerprint). Pairs with no local shard but a `url` 
 metadata has no `shard`) go to an img2dataset input parquet instead, and img2dataset is run on
 it when installed (`DownloadOptions`); its output folder, SHARDS/downloaded, is a training-shard
 folder as it is, counted by its `_stats.json` files. Pairs rejected in R/curation.json
-(`react-vl serve`) are left out, counted as `rejected_by_curation`.
+(`react-vl serve`) are left out, counted as `rejected_by_curation`. summary.json's `lineage`
+names the retrieved set and its fingerprint (`curation.fingerprint`), for the trainer to record.
 """
 
 import contextlib
@@ -43,7 +44,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from tqdm import tqdm
 
-from .curation import rejected_ids
+from .curation import fingerprint, rejected_ids
 from .data import MAX_LISTED_SKIPS, ParquetColumns, SkipLog, count_from_stats, read_shard
 from .kb import KnowledgeBase, part_of
 from .utils import atomic_path, read_json, write_json
@@ -102,6 +103,13 @@ def _drop_rejected(retrieved: str | Path, table: pa.Table) -> tuple[pa.Table, in
     rejected = pa.array(sorted(rejected_ids(folder)), pa.int64())
     kept = table.filter(pc.invert(pc.is_in(table["id"], value_set=rejected)))
     return kept, table.num_rows - kept.num_rows
+
+
+def _lineage(retrieved: str | Path) -> dict:
+    """The retrieved set these shards are made from: its folder and `curation.fingerprint`, which
+    the trainer copies into every checkpoint trained on them (react-vl serve traces pairs by it)."""
+    path = Path(retrieved).resolve()
+    return {"retrieved": str(path if path.is_dir() else path.parent), "fingerprint": fingerprint(path)}
 
 
 def _kb_of(retrieved: str | Path, kb: str | Path | None) -> KnowledgeBase | None:
@@ -291,6 +299,7 @@ def materialize(retrieved: str | Path, out: str | Path, kb: str | Path | None = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     knowledge = _kb_of(retrieved, kb)
+    lineage = _lineage(retrieved)  # before reading: a decision written meanwhile shows as a changed curation
     table, rejected = _drop_rejected(retrieved, _read_retrieved(retrieved, knowledge))
     local, url_rows, nowhere = _split(table)
     text = knowledge is not None and knowledge.has_text
@@ -321,7 +330,7 @@ def materialize(retrieved: str | Path, out: str | Path, kb: str | Path | None = 
     summary = {
         "count": sum(r["count"] for r in records),
         "shards": [shard_name(n) for n, r in enumerate(records) if r["count"]],
-        "retrieved": table.num_rows + rejected, "rejected_by_curation": rejected,
+        "retrieved": table.num_rows + rejected, "rejected_by_curation": rejected, "lineage": lineage,
         "class_balance": _class_balance(table, written_classes),
         "missing": {"total": missing.total(), **missing.to_dict()},
         "corrupt_shards": corrupt.to_dict(),

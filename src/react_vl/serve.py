@@ -28,8 +28,11 @@ bodies over MAX_BODY_BYTES; on localhost only localhost Host headers are answere
 
 The page (GET /) and its /api/ routes add what REACT needs: with retrieved sets, a per-class
 view of the pairs, report cards (curation.report_cards), reject/accept decisions written to
-R/curation.json (curation.record_decisions), which materialize honours, and a pair's lineage
-(the served sets holding it, GET /api/lineage/{id}).
+R/curation.json (curation.record_decisions), which materialize honours, and lineage: with
+training runs (`runs`, RUN/model.pt records the retrieved sets it was trained on), GET
+/api/lineage/{id} names the served sets holding a pair and the runs trained on it, POST
+/api/lineage {ids} does so for a takedown list, GET /api/runs lists the runs and how their
+retrieved sets stand (curation.runs_using).
 """
 
 import base64
@@ -55,6 +58,7 @@ from .retrieve import DEDUP_THRESHOLD  # clip-back's near-duplicate cosine, here
 MAX_NUM_IMAGES = 1_000       # results with metadata (and image bytes) per query
 MAX_RESULT_IDS = 10_000      # ids searched per query
 MAX_METADATA_IDS = 1_000     # ids per /metadata request
+MAX_LINEAGE_IDS = 100_000    # pair ids per takedown list (POST /api/lineage)
 MAX_BODY_BYTES = 16 * 2**20  # request bodies (a base64 image query included) and downloaded images
 MAX_QUERY_PIXELS = 25_000_000  # a query image's width x height, read from its header before decoding
 URL_TIMEOUT_S = 10
@@ -415,6 +419,20 @@ class RetrievedSets:
                                  f"{folder}); give them folders of different names")
             self.folders[folder.name] = folder
         self._lock = threading.Lock()
+        self._fingerprints = {}  # name -> (file stamps, curation.fingerprint)
+
+    def fingerprints(self) -> dict[str, dict]:
+        """curation.fingerprint of every set, hashed again only when a file changed (size, time, inode)."""
+        from .curation import CURATION_FILE, fingerprint, retrieved_file
+
+        found = {}
+        for name, folder in self.folders.items():
+            files = (retrieved_file(folder), folder / CURATION_FILE)
+            stamps = tuple((s.st_size, s.st_mtime_ns, s.st_ino) if (s := _stat(f)) else None for f in files)
+            if self._fingerprints.get(name, (None,))[0] != stamps:
+                self._fingerprints[name] = (stamps, fingerprint(folder))
+            found[name] = self._fingerprints[name][1]
+        return found
 
     def folder(self, name: str) -> Path:
         if name not in self.folders:
@@ -434,6 +452,50 @@ class RetrievedSets:
                     raise BadRequest(f"retrieved set {name} holds pairs that are not in {self.backend.name} ({err}): "
                                      f"serve it with the KB it was retrieved from", 409) from err
             return self._cards[name]
+
+
+def _stat(path: Path):
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+
+
+def _lineage_ids(body: dict) -> list[int]:
+    ids = _field(body, "ids", list)
+    if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise BadRequest("give ids: a non-empty list of pair ids (integers), e.g. a takedown list")
+    if len(ids) > MAX_LINEAGE_IDS:
+        raise BadRequest(f"{len(ids)} ids is over the limit of {MAX_LINEAGE_IDS} per request: send the list in parts",
+                         413)
+    return ids
+
+
+def _pair_lineage(pair_id: int, sets: RetrievedSets, runs: dict) -> dict:
+    """GET /api/lineage/{id}: the served sets holding the pair, the runs trained on one of them."""
+    from .curation import runs_using
+
+    fingerprints = sets.fingerprints()
+    found = runs_using([pair_id], runs, sets.folders, fingerprints)
+    return {"id": pair_id,
+            "sets": [{"set": name, **rows[0], **fingerprints[name]} for name, rows in found["sets"].items()],
+            "runs": [{**{k: r[k] for k in ("run", "path", "shards", "set", "standing")},
+                      "used": True if r["used"] else None if r["possibly"] else False} for r in found["runs"]],
+            "untraced": found["untraced"]}
+
+
+def _run_list(sets: RetrievedSets, runs: dict) -> list[dict]:
+    """GET /api/runs: each run's shard sets, the served set each was materialized from and how it stands."""
+    from .curation import standing
+
+    fingerprints, listed = sets.fingerprints(), []
+    for name, run in runs.items():
+        entries = []
+        for entry in run["lineage"] or []:
+            served, state = standing(entry, sets.folders, fingerprints) or (None, None)
+            entries.append({**entry, "set": served, "standing": state})
+        listed.append({"run": name, "path": run["path"], "lineage": entries})
+    return listed
 
 
 def _curation_request(sets: RetrievedSets, name: str, body: dict) -> dict:
@@ -503,18 +565,21 @@ async def _json_body(request) -> dict:
 
 
 def create_app(backend: Backend, retrieved: list[str | Path] = (), allow_image_urls: bool = False,
-               allowed_hosts: tuple[str, ...] | None = LOCAL_HOSTS):
+               allowed_hosts: tuple[str, ...] | None = LOCAL_HOSTS, runs: list[str | Path] = ()):
     """The FastAPI app: clip-retrieval's routes, GET /image/{id}, the page and its /api/ routes.
 
     allowed_hosts: the Host headers answered (None: any). Localhost only by default, so a web
     page whose domain is re-pointed at 127.0.0.1 (DNS rebinding) cannot read or curate.
+    runs: training run folders, or folders of them (curation.find_runs), for lineage.
     """
     from fastapi import FastAPI, Request
     from fastapi.responses import HTMLResponse, JSONResponse, Response
     from starlette.concurrency import run_in_threadpool
     from starlette.middleware.trustedhost import TrustedHostMiddleware
 
-    sets = RetrievedSets(backend, list(retrieved))
+    from .curation import find_runs
+
+    sets, runs = RetrievedSets(backend, list(retrieved)), find_runs(runs)
     app = FastAPI(title="react-vl serve", docs_url=None, redoc_url=None, openapi_url=None)
     if allowed_hosts is not None:
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=[*allowed_hosts, "[::1]"])
@@ -560,19 +625,19 @@ def create_app(backend: Backend, retrieved: list[str | Path] = (), allow_image_u
             raise BadRequest(f"no static file {name!r:.80}", 404)
         return Response((page / name).read_text(), media_type=STATIC[name])
 
-    _add_api_routes(app, backend, sets, allow_image_urls)
+    _add_api_routes(app, backend, sets, allow_image_urls, runs)
     return BodyLimit(app)
 
 
-def _add_api_routes(app, backend: Backend, sets: RetrievedSets, allow_image_urls: bool):
-    """The page's own routes: server info, stored embeddings, retrieved sets, curation."""
+def _add_api_routes(app, backend: Backend, sets: RetrievedSets, allow_image_urls: bool, runs: dict):
+    """The page's own routes: server info, stored embeddings, retrieved sets, curation, lineage."""
     from fastapi import Request
     from starlette.concurrency import run_in_threadpool
 
     @app.get("/api/info")
     def info():
         return {"index": backend.name, "model": backend.kb.info.get("model"), "pairs": len(backend.kb),
-                "modalities": list(backend.indexes), "retrieved": list(sets.folders),
+                "modalities": list(backend.indexes), "retrieved": list(sets.folders), "runs": list(runs),
                 "allow_image_urls": allow_image_urls, "max_num_images": MAX_NUM_IMAGES}
 
     @app.get("/api/embedding/{pair_id}")
@@ -584,11 +649,18 @@ def _add_api_routes(app, backend: Backend, sets: RetrievedSets, allow_image_urls
 
     @app.get("/api/lineage/{pair_id}")
     def lineage(pair_id: int):
-        from .curation import fingerprint, sets_holding
+        return _pair_lineage(pair_id, sets, runs)
 
-        held = sets_holding([pair_id], sets.folders)
-        return {"id": pair_id, "sets": [{"set": name, **rows[0], **fingerprint(sets.folders[name])}
-                                        for name, rows in held.items()]}
+    @app.post("/api/lineage")
+    async def takedown(request: Request):
+        from .curation import runs_using
+
+        ids = _lineage_ids(await _json_body(request))
+        return await run_in_threadpool(lambda: runs_using(ids, runs, sets.folders, sets.fingerprints()))
+
+    @app.get("/api/runs")
+    def run_list():
+        return _run_list(sets, runs)
 
     @app.get("/api/retrieved/{name}/cards")
     def cards(name: str):
@@ -609,7 +681,7 @@ def _add_api_routes(app, backend: Backend, sets: RetrievedSets, allow_image_urls
 
 
 def serve(kb: str | Path, retrieved: list[str | Path] = (), host: str = "127.0.0.1", port: int = 1234,
-          allow_image_urls: bool = False, cache_dir: str | Path | None = None) -> None:
+          allow_image_urls: bool = False, cache_dir: str | Path | None = None, runs: list[str | Path] = ()) -> None:
     """Load the KB and serve it until interrupted (uvicorn)."""
     import uvicorn
 
@@ -618,7 +690,8 @@ def serve(kb: str | Path, retrieved: list[str | Path] = (), host: str = "127.0.0
               f"write curation decisions; there is no authentication (keep the default 127.0.0.1 unless you mean it)",
               file=sys.stderr)
     backend = Backend(kb, cache_dir)
-    app = create_app(backend, retrieved, allow_image_urls, allowed_hosts=LOCAL_HOSTS if host in LOCAL_HOSTS else None)
+    app = create_app(backend, retrieved, allow_image_urls, allowed_hosts=LOCAL_HOSTS if host in LOCAL_HOSTS else None,
+                     runs=runs)
     print(f"serving {backend.name} ({len(backend.kb):,} pairs, {backend.kb.info.get('model')}): page at "
           f"http://{host}:{port}/, ClipClient(url='http://{host}:{port}/knn-service', indice_name='{backend.name}')",
           file=sys.stderr)

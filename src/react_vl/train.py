@@ -5,7 +5,9 @@
 
 What it writes: RUN/model.pt (loads with `load_model(None, "RUN/model.pt")`),
 RUN/checkpoints/step_N.pt (the last few, for `resume`), RUN/log.jsonl (loss, lr, throughput,
-every gate per layer), RUN/summary.json, RUN/curves.png.
+every gate per layer), RUN/summary.json, RUN/curves.png. The checkpoints and the summary carry
+`lineage`: per shard set trained on, the retrieved set it was materialized from and that set's
+fingerprint (from SHARDS/summary.json; None for other shards), which `react-vl serve --runs` reads.
 
 The data stream (react_vl.train_data) splits the shards over N = processes x loader workers
 logical streams, so each byte is read once per epoch; the global batches depend on N only, and
@@ -286,7 +288,9 @@ def _setup(config: TrainConfig) -> _Run:
             "text_embeddings_used": [s.shard_set.spec for s in sources if s.use_text_embeddings]}
     meta = {"model": args["model"], "pretrained": config.pretrained, "strategy": config.strategy,
             "gated_layers": gated_layers(model), "batch_size": config.batch_size,
-            "train_logit_scale": config.train_logit_scale, "streams": streams, "args": args}
+            "train_logit_scale": config.train_logit_scale, "streams": streams, "args": args,
+            "lineage": [{"shards": s.shard_set.spec, "retrieved": None, "fingerprint": None,
+                         **(s.shard_set.lineage or {})} for s in sources]}
     start, cursors = _resume(config, model, optimizer, scaler, meta)
     net = model
     if env.distributed:
@@ -428,11 +432,11 @@ def _finish(run: _Run, elapsed: float) -> dict:
                "dataset_count": run.sources[0].shard_set.count,
                "skipped": {"total": skips.total(), "per_rank": [sum(log["counts"].values()) for log in per_rank],
                            **skips.to_dict()},
-               "args": run.meta["args"]}
+               "args": run.meta["args"], "lineage": run.meta["lineage"]}
     if run.env.is_main:
         out = Path(config.out)
         save_model(out / "model.pt", model, run.meta["model"], pretrained=config.pretrained, strategy=config.strategy,
-                   args=run.meta["args"])
+                   args=run.meta["args"], lineage=run.meta["lineage"])
         write_json(summary, out / "summary.json")
         plot_curves(out / "log.jsonl", out / "curves.png")
     run.env.barrier()

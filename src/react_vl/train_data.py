@@ -52,6 +52,7 @@ class ShardSet:
     shards: list[str]
     count: int | None  # samples, when known
     text_embeddings: dict | None = None  # summary.json's record when the samples carry KEY.text_emb.npy
+    lineage: dict | None = None  # summary.json's record of the retrieved set materialized (materialize)
 
 
 def _summary(spec: str, shards: list[str]) -> dict:
@@ -99,7 +100,7 @@ def open_shard_set(spec, env, train_num_samples: int | None = None, need_count: 
     count = count if count is not None else train_num_samples
     if count is None and need_count:
         count = env.gather(count_samples(shards) if env.is_main else None)[0]
-    return ShardSet(spec, shards, count, summary.get("text_embeddings"))
+    return ShardSet(spec, shards, count, summary.get("text_embeddings"), summary.get("lineage"))
 
 
 # --- one logical stream ------------------------------------------------------------------------

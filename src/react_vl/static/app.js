@@ -39,6 +39,25 @@ function fmt(value, digits = 3) {
   return value === null || value === undefined ? "–" : Number(value).toFixed(digits);
 }
 
+// --- lineage: under each result, the training runs (--runs) that used its pair ------------------
+async function showLineage(container) {
+  if (!info.runs || !info.runs.length) return;
+  const cards = [...container.querySelectorAll(".result")];
+  if (!cards.length) return;
+  const found = await call("/api/lineage", { ids: [...new Set(cards.map((c) => Number(c.dataset.id)))] });
+  const runs = new Map();  // pair id -> ["run", "run (curation changed since)", ...]
+  for (const entry of found.runs) {
+    const add = (id, text) => runs.set(id, [...(runs.get(id) || []), text]);
+    entry.used.forEach((id) => add(id, entry.run));
+    entry.possibly.forEach((id) => add(id, `${entry.run} (possibly: ${entry.standing} since)`));
+  }
+  for (const card of cards) {
+    const names = [...new Set(runs.get(Number(card.dataset.id)) || [])];
+    card.querySelector(".lineage")?.remove();
+    card.append(element("div", { class: "lineage" }, names.length ? `trained into ${names.join(", ")}` : "in no run"));
+  }
+}
+
 // --- kNN search ------------------------------------------------------------------------------
 function resultCard(result, modality) {
   const image = element("img", { alt: result.caption || "", loading: "lazy" });
@@ -58,6 +77,7 @@ async function search(body, label) {
   const grid = element("div", { class: "grid" }, ...results.map((r) => resultCard(r, modality)));
   $("results").replaceChildren(element("h2", {}, `${results.length} results for ${label}`), grid);
   status("");
+  await showLineage($("results"));
 }
 
 function searchParams(params) {
@@ -179,6 +199,7 @@ async function showClass(set, klass, announce = true) {
     element("div", { class: "grid" }, ...view.noise.map((p) => pairCard(set, klass, p))));
   $("class-view").hidden = false;
   if (announce) status("");
+  await showLineage($("class-view"));
 }
 
 // --- the page ------------------------------------------------------------------------------------
