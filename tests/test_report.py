@@ -6,12 +6,16 @@ import re
 import subprocess
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from helpers import clustered, make_kb
 
+from react_vl.curation import report_cards
 from react_vl.data import SkipLog, list_shards, read_shard
 from react_vl.report import NOISE_SAMPLES, SAMPLES_PER_CLASS, write_report
+from react_vl.tasks import get_task
 
 TASKS = {
     "mini-shape-sketch": {"role": "target", "metric": "accuracy", "base": 79.9, "gated-image": 90.9,
@@ -134,3 +138,56 @@ def test_missing_sections_become_notes(tmp_path):
 def test_missing_demo_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         write_report(tmp_path / "nowhere")
+
+
+def _carded_demo(demo) -> list[dict]:
+    """A demo folder with a KB (600 random mini-vit-test-sized embeddings) and a retrieved set of
+    the sketch task over it: every class gets pairs, every fifth pair a second class, every third
+    both modes; plus a control task's set and a target whose pairs are not in the KB. Its rows."""
+    rng = np.random.default_rng(0)
+    kb = make_kb(demo / "kb", clustered(600, 32, rng), clustered(600, 32, rng), parts=[0, 1])
+    metadata = kb.metadata(["id", "key", "shard"]).to_pylist()
+    names = get_task("mini-shape-sketch").classnames
+    rows = []
+    for n, pair in enumerate(metadata[::3]):
+        classes = [names[n % len(names)]] + ([names[(n + 1) % len(names)]] if n % 5 == 0 else [])
+        both = n % 3 == 0
+        rows.append({**pair, "caption": f"row {n}", "classes": classes, "queries": [f"a sketch of a {classes[0]}."],
+                     "modes": ["t2t", "t2i"] if both else ["t2t"], "score": 0.2 + rng.random() / 10,
+                     "score_t2t": 0.3 + rng.random() / 10, "score_t2i": 0.25 if both else None})
+    for task, pairs in (("mini-shape-sketch", rows), ("mini-shape-photo", rows),
+                        ("broken", [{**rows[0], "id": 1 << 50}])):
+        folder = demo / "retrieved" / task
+        folder.mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(pairs), folder / "retrieved.parquet")
+        (folder / "summary.json").write_text(json.dumps({"task": "mini-shape-sketch"}))
+    (demo / "summary.json").write_text(json.dumps({"tasks": {
+        "mini-shape-sketch": {"role": "target"}, "mini-shape-photo": {"role": "control"}, "broken": {"role": "target"}}}))
+    return rows
+
+
+def test_report_cards_per_target_task(tmp_path, chromium):
+    demo = tmp_path / "demo"
+    rows = _carded_demo(demo)
+    text = write_report(demo).read_text()
+    section = text[text.index("<h2>Report cards of the retrieved sets</h2>"):]
+    section = section[:section.index("<h2>", 4)]
+    assert re.findall(r"<h3>(.*?)</h3>", section) == ["broken", "mini-shape-sketch"], "targets only"
+    assert "no report cards:" in section and "is in no part&#x27;s metadata" in section
+
+    cards = report_cards(demo / "kb", demo / "retrieved" / "mini-shape-sketch")["cards"]
+    counts = Counter(c for row in rows for c in row["classes"])
+    both = Counter(c for row in rows if len(row["modes"]) == 2 for c in row["classes"])
+    assert {card["class"]: card["count"] for card in cards} == dict(counts)
+    for card in cards:
+        cells = f"<td>{card['class']}</td><td class=\"num\">{counts[card['class']]}</td>" \
+                f"<td>t2t {counts[card['class']]} / t2i {both[card['class']]}</td>" \
+                f"<td class=\"num\">{100 * both[card['class']] / counts[card['class']]:.0f}%</td>"
+        assert cells in section, cells
+        assert f"{100 * card['precision']:.0f}%" in section and f"{card['prompt_cosine']:.3f}" in section
+        assert f"{card['overlapping'][0]['class']} {100 * card['overlapping'][0]['share']:.0f}%" in section
+    assert section.count("collapse?") == sum(card["collapse"] for card in cards)
+    assert section.count('<svg class="hist"') == 2 * len(cards)  # one per mode and class
+
+    check = _page_check(chromium, demo / "report.html", tmp_path)
+    assert check["broken_images"] == [] and check["script_errors"] == []

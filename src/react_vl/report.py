@@ -41,6 +41,8 @@ figure { margin: 0; width: 132px; font-size: 0.78em; }
 figure img { width: 128px; height: 128px; image-rendering: pixelated; border: 1px solid #ccc; }
 figcaption { overflow-wrap: anywhere; } .noisy { color: #b3261e; font-weight: bold; }
 img.chart { max-width: 100%; }
+.warn { color: #b3261e; font-weight: bold; }
+svg.hist rect { fill: #4a78b5; } svg.hist rect.t2i { fill: #d08a2b; }
 .tables { display: flex; flex-wrap: wrap; gap: 0 1.5em; align-items: flex-start; }
 """
 
@@ -73,6 +75,7 @@ def write_report(demo_dir) -> Path:
         _section("Before and after customization", _results_section(summary)),
         _section("Zero-shot accuracy per class", _per_class_section(demo_dir)),
         _section("Retrieved samples", _samples_section(demo_dir, tasks=summary.get("tasks"))),
+        _section("Report cards of the retrieved sets", _cards_section(demo_dir, tasks=summary.get("tasks"))),
         _section("Learned gate values", _gates_section(demo_dir)),
         _section("Training curves", _curves_section(demo_dir)),
         _section("Knowledge base and retrieval statistics", _statistics_section(demo_dir)),
@@ -183,6 +186,67 @@ def _samples_section(demo_dir: Path, tasks: dict | None) -> str:
             reasons = ", ".join(f"{count} {reason}" for reason, count in skipped.items())
             body += _note(f"images not shown: {reasons}.")
     return body
+
+
+def _cards_section(demo_dir: Path, tasks: dict | None) -> str:
+    """A report card per class (curation.report_cards) of each target task's retrieved set: what
+    was retrieved, how much both modes agree, how the scores spread, how well the class prompts
+    tell the classes apart and how many pairs the base's zero-shot classifier agrees with.
+
+    The targets are the folders of retrieved/ named after a summary.json task of role target (all
+    with a retrieve summary.json when summary.json lists no tasks); the KB is demo_dir/kb.
+    """
+    from .curation import report_cards
+    from .kb import KnowledgeBase
+
+    folders = sorted(p.parent for p in (demo_dir / "retrieved").glob("*/retrieved.parquet"))
+    targets = [f for f in folders if (tasks.get(f.name) or {}).get("role") == "target"] if tasks else \
+        [f for f in folders if (f / "summary.json").is_file()]
+    if not targets:
+        return _note("no retrieved set of a target task (retrieved/<task>/) found.")
+    if not (demo_dir / "kb" / "kb.json").is_file():
+        return _note("kb/kb.json not found: the report cards need the knowledge base the sets were retrieved from.")
+    kb, body = KnowledgeBase(demo_dir / "kb"), ""
+    for folder in targets:
+        body += f"<h3>{_esc(folder.name)}</h3>"
+        try:
+            cards = report_cards(kb, folder)
+        except Exception as error:  # a set this KB cannot explain loses its cards, not the report
+            body += _note(f"no report cards: {error.args[0] if isinstance(error, KeyError) else error}")
+            continue
+        body += "".join(_note(note) for note in cards["notes"]) + _cards_table(cards)
+    return _note("Precision is estimated as the share of a class's pairs that the base's zero-shot classifier"
+                 " assigns to it; a prompt cosine above the warning level means the class's prompts barely"
+                 " differ from another class's.") + body
+
+
+def _cards_table(cards: dict) -> str:
+    header = ["class", "pairs", "by mode", "both modes", "scores (t2t blue, t2i orange)",
+              f"nearest class prompt cosine (warning > {cards['collapse_cosine']})", "est. precision",
+              "most overlapping classes"]
+    rows = []
+    for card in cards["cards"]:
+        cosine = "" if card["prompt_cosine"] is None else \
+            f"{card['prompt_cosine']:.3f} ({_esc(card['nearest_class'])})"
+        cosine = f"<span class=\"warn\">{cosine} collapse?</span>" if card["collapse"] else f"<span>{cosine}</span>"
+        overlapping = ", ".join(f"{_esc(o['class'])} {100 * o['share']:.0f}%" for o in card["overlapping"])
+        rows.append(("", [_esc(card["class"]), _num(card["count"]),
+                          _esc(" / ".join(f"{mode} {n}" for mode, n in card["by_mode"].items())),
+                          "" if card["overlap"] is None else f"{100 * card['overlap']:.0f}%",
+                          "".join(_sparkline(counts, mode) for mode, counts in card["histogram"].items()),
+                          cosine, "" if card["precision"] is None else f"{100 * card['precision']:.0f}%",
+                          overlapping]))
+    return _table(header, rows)
+
+
+def _sparkline(counts: list[int], mode: str, width: int = 80, height: int = 20) -> str:
+    """A score histogram as a tiny inline SVG bar chart (no image file, no script)."""
+    top, bar = max([1, *counts]), width / max(1, len(counts))
+    bars = "".join(f"<rect class=\"{_esc(mode)}\" x=\"{i * bar:.1f}\" y=\"{height - height * n / top:.1f}\" "
+                   f"width=\"{max(1.0, bar - 1):.1f}\" height=\"{height * n / top:.1f}\"></rect>"
+                   for i, n in enumerate(counts))
+    return (f"<svg class=\"hist\" width=\"{width}\" height=\"{height}\" role=\"img\">"
+            f"<title>{_esc(mode)} scores: {_esc(counts)}</title>{bars}</svg>")
 
 
 def _gates_section(demo_dir: Path) -> str:
