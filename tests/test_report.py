@@ -191,3 +191,22 @@ def test_report_cards_per_target_task(tmp_path, chromium):
 
     check = _page_check(chromium, demo / "report.html", tmp_path)
     assert check["broken_images"] == [] and check["script_errors"] == []
+
+
+def test_precondition_and_bars_rows_with_each_failure_marked(tmp_path):
+    from react_vl.demo import RANDOM_CONTROL, check_bars
+    from react_vl.experiment import check_precondition
+
+    scores = {"mini-shape-sketch": 60.0, "mini-color-night": 85.0, "mini-shape-photo": 95.0,
+              "mini-color-photo": 92.0, "mini-shape-pixel": 70.0}  # night: no headroom
+    precondition = check_precondition(scores, 420.0, dict.fromkeys(scores, 0.5))
+    tasks = {"mini-shape-sketch": {"role": "target", "base": 60.0, "gated-image": 66.0, RANDOM_CONTROL: 64.0},
+             "mini-shape-photo": {"role": "control", "base": 95.0, "gated-image": 94.0, RANDOM_CONTROL: 95.0}}
+    demo = tmp_path / "demo"
+    demo.mkdir()
+    (demo / "summary.json").write_text(json.dumps({"tasks": tasks, "precondition": precondition,
+                                                   "bars": check_bars(tasks)}))
+    text = write_report(demo).read_text()
+    assert "Precondition, validation sets: NOT met" in text and "Bars, test sets, this seed: missed" in text
+    assert text.count("<b>FAIL</b>") == 1 and text.count("<b>MISSED</b>") == 1  # night headroom; +2 over random
+    assert text.count('<tr class="pass">') == len(precondition["criteria"]) - 1 + 2

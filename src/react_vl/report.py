@@ -41,7 +41,7 @@ figure { margin: 0; width: 132px; font-size: 0.78em; }
 figure img { width: 128px; height: 128px; image-rendering: pixelated; border: 1px solid #ccc; }
 figcaption { overflow-wrap: anywhere; } .noisy { color: #b3261e; font-weight: bold; }
 img.chart { max-width: 100%; }
-.warn { color: #b3261e; font-weight: bold; }
+.warn { color: #b3261e; font-weight: bold; } tr.fail td { background: #fdecea; }
 svg.hist rect { fill: #4a78b5; } svg.hist rect.t2i { fill: #d08a2b; }
 .tables { display: flex; flex-wrap: wrap; gap: 0 1.5em; align-items: flex-start; }
 """
@@ -72,6 +72,7 @@ def write_report(demo_dir) -> Path:
         raise FileNotFoundError(f"report: demo folder {demo_dir} does not exist")
     summary = _read_json_or_none(demo_dir / "summary.json") or {}
     sections = [
+        _section("REACT's precondition on the base, and the demo's bars", _checks_section(summary)),
         _section("Before and after customization", _results_section(summary)),
         _section("Zero-shot accuracy per class", _per_class_section(demo_dir)),
         _section("Retrieved samples", _samples_section(demo_dir, tasks=summary.get("tasks"))),
@@ -130,6 +131,27 @@ def _results_section(summary: dict) -> str:
         total = sum(v for v in stages.values() if _is_number(v))
         stage_rows.append(("", ["<b>total</b>", f"<b>{_num(total)}</b>"]))
         body += "<h3>Wall time per stage (seconds)</h3>" + _table(["stage", "seconds"], stage_rows)
+    return body
+
+
+def _checks_section(summary: dict) -> str:
+    """The precondition (validation sets, before customizing) and the bars (test sets), one row a criterion."""
+    precondition, bars = summary.get("precondition"), summary.get("bars")
+    if not precondition and not bars:
+        return _note("summary.json has neither the precondition check nor the bars yet.")
+    body = ""
+    if precondition:
+        body += (f"<h3>Precondition, validation sets: {'met' if precondition['passed'] else 'NOT met'}</h3>"
+                 + _table(["task", "criterion", "value", "bar", ""],
+                          [(f" class=\"{'pass' if c['passed'] else 'fail'}\"",
+                            [_esc(c["task"]), _esc(c["criterion"]), _num(c["value"]), _esc(f"{c['op']} {c['bar']:g}"),
+                             "ok" if c["passed"] else "<b>FAIL</b>"]) for c in precondition["criteria"]]))
+    if bars:
+        body += (f"<h3>Bars, test sets, this seed: {'met' if bars['passed'] else 'missed'}</h3>"
+                 + _table(["task", "bar", "value", "needs", ""],
+                          [(f" class=\"{'pass' if b['passed'] else 'fail'}\"",
+                            [_esc(b["task"]), _esc(b["bar"]), f"{b['value']:+.1f}", _esc(f">= {b['min']:+g}"),
+                             "ok" if b["passed"] else "<b>MISSED</b>"]) for b in bars["bars"]]))
     return body
 
 
