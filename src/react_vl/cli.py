@@ -444,8 +444,10 @@ def demo(out, seed, base_steps, base_batch, world_variant, steps, mix_ratio, no_
 @click.option("--seeds", default=None, type=click.IntRange(min=1),
               help="Customization seeds per ablation point (mean ± std over them) [default: 3, 1 with --quick].")
 @click.option("--ablation", "ablations", multiple=True, type=click.Choice(["strategy", "subset", "mode", "size",
-                                                                          "layers", "forgetting", "schedule"]),
-              help="Run only these ablations (repeatable) [default: all].")
+                                                                          "layers", "forgetting", "schedule",
+                                                                          "methods"]),
+              help="Run only these ablations (repeatable) [default: all but methods, which runs only when named: "
+                   "REACT, REAL, Neural Priming, SWAT, WiSE-FT and gate scaling side by side].")
 @base_model_options
 def study(out, quick, seeds, ablations, base_steps, base_batch, world_variant):
     """The paper's ablations on the mini world, with seeds, mean and spread.
@@ -458,11 +460,11 @@ def study(out, quick, seeds, ablations, base_steps, base_batch, world_variant):
     the customization. A killed study resumes: finished runs are kept; study.json records
     every run's seconds.
     """
-    from .study import ABLATIONS, StudyConfig, run_study
+    from .study import DEFAULT_ABLATIONS, StudyConfig, run_study
 
     config = StudyConfig(world=WorldConfig(variant=world_variant), base_steps=base_steps, base_batch=base_batch)
     run_study(out, quick=quick, config=config,
-              seeds=seeds if seeds is not None else 1 if quick else 3, ablations=ablations or ABLATIONS)
+              seeds=seeds if seeds is not None else 1 if quick else 3, ablations=ablations or DEFAULT_ABLATIONS)
 
 
 # --- report ------------------------------------------------------------------------------------

@@ -15,7 +15,10 @@ The ablations (REACT's tables; docs/DESIGN.md for the stages they run through):
 - schedule: 1x, 2x, 4x the steps, without and with general pairs mixed in, and the one the demo
   should use *chosen on the world's validation sets* (never the test sets every table reports) by
   a rule fixed before any run: the largest mean target gain among the schedules that keep every
-  control task within 2 points of base (`choose_schedule`).
+  control task within 2 points of base (`choose_schedule`);
+- methods (only when asked for): the field's retrieval-augmented methods on the same retrieved set
+  and feature cache (`react_vl.methods`): REACT, REAL-Prompt, REAL-Linear, Neural Priming, SWAT,
+  WiSE-FT and gate scaling, zero-shot and with 1, 4 and 16 validation-set shots, with their costs.
 
 What is shared and what a seed changes: the world, the base model (trained once, as in the demo,
 and cached), the knowledge base, its indexes and the retrieved sets are prepared once. A seed is
@@ -45,7 +48,9 @@ from .experiment import (BASE_CACHE, CONTROL_TOLERANCE, ExperimentConfig, StageC
 from .strategies import GATED_STRATEGIES
 from .utils import atomic_path, markdown_table, read_json, write_json
 
-ABLATIONS = ("strategy", "subset", "mode", "size", "layers", "forgetting", "schedule")
+ABLATIONS = ("strategy", "subset", "mode", "size", "layers", "forgetting", "schedule", "methods")
+DEFAULT_ABLATIONS = ABLATIONS[:-1]  # methods runs only when named: `react-vl study --ablation methods`
+METHOD_CHECKPOINTS = ("gated-image", "locked-text", "full")  # the methods comparison's trained starting points
 STRATEGY_ORDER = ("locked-image", "locked-text", "full", "gated-image", "gated-image-text")
 # what each strategy does to the image and text towers, as the paper's strategy table shows it
 TOWERS = {"base": ("-", "-"), "locked-image": ("frozen", "tuned"), "locked-text": ("tuned", "frozen"),
@@ -133,6 +138,8 @@ def plan_study(config: StudyConfig, quick: bool = False, ablations=ABLATIONS) ->
         "layers": [(f"{n} of {depth}", dataclasses.replace(default, gated_layers=n)) for n in layer_points],
         "forgetting": forgetting,
         "schedule": schedule,
+        "methods": [(s, dataclasses.replace(default, strategy=s, gated_layers=default.gated_layers
+                                            if s in GATED_STRATEGIES else 0)) for s in METHOD_CHECKPOINTS],
     }
     return {name: plan[name] for name in ABLATIONS if name in ablations}
 
@@ -321,12 +328,15 @@ TABLE_TITLES = {
     "layers": ("Number of gated layers (the last N image layers)", "gated layers"),
     "forgetting": ("Bounding forgetting (gated-image)", "setting"),
     "schedule": ("Customization schedule, test sets (gated-image; chosen on the validation sets, below)", "schedule"),
+    "methods": ("Retrieval-augmented methods: the checkpoints they start from (customized on the retrieved set)",
+                "strategy"),
 }
 
 
 def ablation_table(ablation: str, rows: list[dict], kb_size: int) -> list[str]:
     title, first = TABLE_TITLES[ablation]
     extra = {"strategy": ["image", "text", "trainable", "paper IN-1k"], "layers": ["trainable"],
+             "methods": ["trainable"],
              "size": ["pairs", "% of KB"], "subset": ["pairs"], "mode": ["pairs", "paper IN-1k"]}.get(ablation, [])
     columns = [first, *extra, *(f"{t} (target)" for t in TARGET_TASKS), *(f"{t} (control)" for t in CONTROL_TASKS),
                "Δ target", "Δ control"]
@@ -403,6 +413,8 @@ def write_study(study_dir: Path, summary: dict) -> None:
                 for task, v in summary["retrieved_vs_random"].items()), ""]
         if ablation == "schedule" and summary.get("schedule_choice"):
             lines += schedule_lines(summary["schedule_choice"]) + [""]
+        if ablation == "methods" and summary.get("methods"):
+            lines += methods_lines(summary["methods"]) + [""]
     lines += gates_table(summary["runs"], summary["depth"]) + [""]
     figure = study_figure(summary)
     if figure is not None:
@@ -483,7 +495,7 @@ def _check_same_config(study_dir: Path, config: StudyConfig) -> None:
 
 
 def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: StudyConfig | None = None,
-              seeds: int = 3, *, ablations=ABLATIONS, cache_dir: str | Path | None = BASE_CACHE) -> dict:
+              seeds: int = 3, *, ablations=DEFAULT_ABLATIONS, cache_dir: str | Path | None = BASE_CACHE) -> dict:
     """Run (or resume) every ablation for `seeds` customization seeds; return what STUDY/study.json holds."""
     config = config or StudyConfig()
     if seeds < 1:
@@ -513,9 +525,54 @@ def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: S
                                   validate=_setting(run.key) in candidates)
         summary = study_summary(config, quick, plan, seed_list, base_scores, records, len(runs), clock, started)
         write_study(study_dir, summary)
+    if "methods" in plan:
+        with clock("methods", "every method on the retrieved set, zero-shot and few-shot, seed by seed"):
+            summary["methods"] = compare_methods_seeds(study_dir, kb, base, plan["methods"], seed_list, config,
+                                                       subset_size, quick)
+        summary["seconds"] = round(time.time() - started, 1)
+        write_study(study_dir, summary)
     print(f"\nstudy: {study_dir / 'study.md'} and {study_dir / 'study.json'} "
           f"({len(records)} runs, {summary['seconds'] / 60:.0f} min)")
     return summary
+
+
+def compare_methods_seeds(study_dir: Path, kb: Path, base: Path, points: list[tuple[str, Run]], seeds: list[int],
+                          config: StudyConfig, subset_size: Callable[[], int], quick: bool) -> dict:
+    """`methods.compare_methods` for every seed, on the default retrieved set and each seed's runs of
+    `points` (REACT's checkpoints and full fine-tuning): STUDY/methods/seed<N>/result.json."""
+    from .methods import NP_BLENDS, Setting, compare_methods
+    from .tasks import get_task
+
+    shards, _ = training_set(study_dir, kb, Run(mode=config.retrieve_mode, per_class=config.per_class), config,
+                             subset_size)
+    grid = (0.5,) if quick else None  # --quick: one point of each knob's grid
+    records = []
+    for seed in seeds:
+        checkpoints = {}
+        for label, run in points:
+            result = read_json(study_dir / "runs" / dataclasses.replace(run, seed=seed).key / "result.json")
+            checkpoints[label] = {"path": study_dir / "runs" / result["key"] / "model.pt",
+                                  "trainable": result["trainable_params"], "train_s": result["seconds"]["train"]}
+        setting = Setting(world=study_dir / "world", kb=kb, base=base, retrieved=shards.parent / "all",
+                          retrieved_shards=shards, checkpoints=checkpoints, tasks=[get_task(t) for t in TASKS],
+                          steps=config.steps, batch=config.batch, precision=config.precision, workers=config.workers,
+                          **({"blends": (NP_BLENDS[1],), "alphas": grid, "gate_scales": grid} if grid else {}))
+        records.append(compare_methods(setting, seed, study_dir / "methods" / f"seed{seed}"))
+    return {"records": records, "seconds": round(sum(r["seconds"] for r in records), 1)}
+
+
+def methods_lines(methods: dict) -> list[str]:
+    """The methods table (`methods.methods_table`) under a note on what its columns mean."""
+    from .methods import methods_table
+
+    note = ("Every method on the default retrieved set, zero-shot (shots 0) and with k shots per class drawn "
+            "from each task's validation split; Δ: mean change against zero-shot on the target / control tasks. "
+            "Knobs (Neural Priming's blend, WiSE-FT's alpha, the gate scale) are chosen on the validation sets by "
+            "the study's rule. Costs are per task for the heads; train s includes the customization run; extra "
+            f"storage: fp32 bytes of what is trained or kept. {len(methods['records'])} seed(s), "
+            f"{methods['seconds'] / 60:.1f} min beyond the customization runs.")
+    return ["### Retrieval-augmented methods side by side", "", note, "",
+            *methods_table(methods["records"], TARGET_TASKS, CONTROL_TASKS)]
 
 
 def base_model_scores(study_dir: Path, base: Path, workers: int, validate: bool) -> dict:

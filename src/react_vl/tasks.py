@@ -31,11 +31,16 @@ class Task:
     role: str | None = None  # mini world: "target" or "control"
     attribute: str | None = None  # mini world: the attribute classified ("shape", "color")
     style: str | None = None  # mini world: the rendering style of its images
+    # other names of a class, {class name: [synonym, ...]}; REAL-Prompt (react_vl.methods) names each
+    # class by whichever of its names the corpus captions use most. Stored as ((class, (names...)), ...)
+    synonyms: dict | tuple | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "classnames", tuple(self.classnames))
         object.__setattr__(self, "templates", tuple(self.templates))
         where = f"task {self.name!r}"
+        if self.synonyms is not None:
+            object.__setattr__(self, "synonyms", _check_synonyms(self.synonyms, self.classnames, where))
         if not self.classnames:
             raise ValueError(f"{where}: the class list is empty")
         duplicates = sorted({c for c in self.classnames if self.classnames.count(c) > 1})
@@ -55,9 +60,34 @@ class Task:
         """The text queries for one class: every template filled with its name."""
         return [template.format(classname) for template in self.templates]
 
+    def names_of(self, classname: str) -> tuple[str, ...]:
+        """The class name and its synonyms (the task's `synonyms`), the class name first."""
+        others = dict(self.synonyms or ()).get(classname, ())
+        return (classname, *(name for name in others if name != classname))
+
     def to_dict(self) -> dict:
-        return {key: list(value) if isinstance(value, tuple) else value
-                for key, value in asdict(self).items() if value is not None}
+        record = {key: list(value) if isinstance(value, tuple) else value
+                  for key, value in asdict(self).items() if value is not None}
+        if self.synonyms is not None:
+            record["synonyms"] = {name: list(others) for name, others in self.synonyms}
+        return record
+
+
+def _check_synonyms(synonyms, classnames: tuple[str, ...], where: str) -> tuple:
+    """{class: [names]} (or its stored tuple form) -> ((class, (names...)), ...) in class order."""
+    pairs = dict(synonyms.items() if isinstance(synonyms, dict) else synonyms)
+    unknown = sorted(set(pairs) - set(classnames))
+    if unknown:
+        raise ValueError(f"{where}: synonyms given for {unknown}, which are not among its class names")
+    stored = []
+    for name in classnames:
+        others = pairs.get(name, ())
+        if isinstance(others, str) or not all(isinstance(o, str) and o.strip() for o in others):
+            raise ValueError(f"{where}: the synonyms of class {name!r} must be a list of non-empty names, "
+                             f"got {others!r}")
+        if others:
+            stored.append((name, tuple(o.strip() for o in others)))
+    return tuple(stored)
 
 
 @cache
@@ -89,7 +119,7 @@ def list_tasks() -> list[str]:
 
 def load_task_file(path: str | Path) -> Task:
     """A task from a YAML or JSON file with fields name (default: the file stem), classnames,
-    templates, metric, and optionally role, attribute, style."""
+    templates, metric, and optionally role, attribute, style and synonyms ({class: [names]})."""
     path = Path(path)
     try:
         data = yaml.safe_load(path.read_text()) if path.suffix in (".yaml", ".yml") else json.loads(path.read_text())
@@ -97,7 +127,7 @@ def load_task_file(path: str | Path) -> Task:
         raise ValueError(f"task file {path}: cannot parse: {error}") from error
     if not isinstance(data, dict):
         raise ValueError(f"task file {path}: expected a mapping of fields, got {type(data).__name__}")
-    fields = {"name", "classnames", "templates", "metric", "role", "attribute", "style"}
+    fields = {"name", "classnames", "templates", "metric", "role", "attribute", "style", "synonyms"}
     data.setdefault("name", path.stem)
     missing = {"classnames", "templates"} - data.keys()
     if missing:
