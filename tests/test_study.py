@@ -16,6 +16,8 @@ from react_vl.study import (
     StudyConfig,
     base_row,
     choose_schedule,
+    chosen_strategy_rows,
+    fair_strategy_choice,
     gain_in_seed_std,
     gates_table,
     mean_std,
@@ -114,6 +116,32 @@ def test_schedule_is_chosen_on_validation_scores_by_the_fixed_rule():
     strict = dict(records, **dict([record(100, 0, 1.0, -2.1)]))
     strict.pop(Run(steps=200, seed=0).key)  # 200 steps now -2.5, 100 steps -2.1: none keeps the controls
     assert choose_schedule(points, strict, base_val)["chosen"] is None
+
+
+def test_fair_strategy_grid_gives_every_strategy_the_same_candidates_and_chooses_each_on_validation():
+    plan = plan_study(StudyConfig(), ablations=["fair-strategy"])["fair-strategy"]
+    by_strategy = {}
+    for label, run in plan:
+        by_strategy.setdefault(run.strategy, []).append((run.lr, run.steps, run.mix_ratio))
+    grids = list(by_strategy.values())
+    assert len(by_strategy) == 5 and all(g == grids[0] for g in grids) and len(grids[0]) == 4
+    assert len({run.key for _, run in plan}) == len(plan)  # the learning rate is part of a run's key
+    assert Run(lr=5e-5).key != Run().key == Run(lr=None).key
+
+    base = {"scores": {t: 50.0 for t in TARGET_TASKS + CONTROL_TASKS}, "val_scores": {t: 50.0 for t in TARGET_TASKS +
+                                                                                       CONTROL_TASKS}}
+    records = {}
+    for i, (label, run) in enumerate(plan):  # the last grid point of each strategy gains most on validation
+        gain = 1.0 + (i % 4)
+        val = {**{t: 50.0 + gain for t in TARGET_TASKS}, **{t: 50.0 for t in CONTROL_TASKS}}
+        records[run.key] = {"key": run.key, "seed": 0, "val_scores": val, "trainable_params": i, "train_pairs": 100,
+                            "scores": {t: 100 - v for t, v in val.items()}, "gates": {}}
+    choice = fair_strategy_choice(plan, records, base)
+    assert all(choice[s]["chosen"] == [label for label, run in plan if run.strategy == s][-1] for s in by_strategy)
+    rows = chosen_strategy_rows(plan, choice, records, base["scores"])
+    assert [r["label"] for r in rows] == ["base", *by_strategy]
+    assert all(r["schedule"] == choice[r["label"]]["chosen"] for r in rows[1:])
+    assert rows[1]["scores"][TARGET_TASKS[0]]["mean"] == 100 - 54.0  # its test score, not the validation one
 
 
 @pytest.mark.slow

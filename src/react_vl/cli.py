@@ -443,9 +443,9 @@ def demo(out, seed, base_steps, base_batch, world_variant, steps, mix_ratio, no_
 @click.option("--quick", is_flag=True, help="Fewer points on the size, layer and mixing curves, and 1 seed.")
 @click.option("--seeds", default=None, type=click.IntRange(min=1),
               help="Customization seeds per ablation point (mean ± std over them) [default: 3, 1 with --quick].")
-@click.option("--ablation", "ablations", multiple=True, type=click.Choice(["strategy", "subset", "mode", "size",
-                                                                          "layers", "forgetting", "schedule",
-                                                                          "methods"]),
+@click.option("--ablation", "ablations", multiple=True,
+              type=click.Choice(["strategy", "fair-strategy", "subset", "mode", "size", "layers", "forgetting",
+                                 "schedule", "methods"]),
               help="Run only these ablations (repeatable) [default: all but methods, which runs only when named: "
                    "REACT, REAL, Neural Priming, SWAT, WiSE-FT and gate scaling side by side].")
 @base_model_options

@@ -5,6 +5,9 @@
 The ablations (REACT's tables; docs/DESIGN.md for the stages they run through):
 - strategy: base, locked-image, locked-text, full, gated-image, gated-image-text, at the paper's
   learning rates (5e-4 gated, 5e-5 otherwise: train's defaults), with trainable parameter counts;
+- fair-strategy: every strategy over the same grid of learning rates and lengths (the same
+  compute for each), each strategy's schedule chosen on the validation sets by `choose_schedule`'s
+  rule, and the strategies compared at their chosen schedules;
 - training set: retrieved vs a random subset of the knowledge base of the same size vs an oracle
   subset of that size (pairs whose ground-truth style is a target's, captions not noisy);
 - retrieval mode: t2t, t2i, both;  retrieval size: ~1%, the demo's size, ~10% of the knowledge base;
@@ -48,7 +51,7 @@ from .experiment import (BASE_CACHE, CONTROL_TOLERANCE, ExperimentConfig, StageC
 from .strategies import GATED_STRATEGIES
 from .utils import atomic_path, markdown_table, read_json, write_json
 
-ABLATIONS = ("strategy", "subset", "mode", "size", "layers", "forgetting", "schedule", "methods")
+ABLATIONS = ("strategy", "fair-strategy", "subset", "mode", "size", "layers", "forgetting", "schedule", "methods")
 DEFAULT_ABLATIONS = ABLATIONS[:-1]  # methods runs only when named: `react-vl study --ablation methods`
 METHOD_CHECKPOINTS = ("gated-image", "locked-text", "full")  # the methods comparison's trained starting points
 STRATEGY_ORDER = ("locked-image", "locked-text", "full", "gated-image", "gated-image-text")
@@ -62,6 +65,8 @@ PAPER_IN1K = {"base": 63.2, "locked-image": 63.7, "locked-text": 66.9, "full": 6
 SIZE_SHARES = (0.01, 0.10)  # retrieval size curve: these shares of the KB, plus the demo's per_class
 MIX_RATIOS = (0.25, 0.5)  # share of every batch drawn from the pretraining corpus
 SCHEDULE_STEPS = (1, 2, 4)  # schedule ablation: these multiples of the default steps, each without and with mixing
+FAIR_LRS = (5e-5, 5e-4)  # fair-strategy grid: every strategy at each learning rate ...
+FAIR_STEPS = (1, 2)  # ... and each of these multiples of the default steps, with MIX_RATIOS[-1] general pairs
 TASKS = TARGET_TASKS + CONTROL_TASKS
 
 
@@ -83,12 +88,14 @@ class Run:
     mix_ratio: float = 0.0
     steps: int = 300
     seed: int = 0
+    lr: float | None = None  # None: train's default for the strategy
 
     @property
     def key(self) -> str:
         data = f"retrieved-{self.mode}-{self.per_class}" if self.data == "retrieved" else self.data
+        lr = f"_lr{self.lr:g}" if self.lr is not None else ""
         return (f"{self.strategy}_{data}_L{self.gated_layers}_mix{self.mix_ratio:g}_"
-                f"{self.steps}steps_seed{self.seed}")
+                f"{self.steps}steps{lr}_seed{self.seed}")
 
 
 def _depth(model_name: str) -> int:
@@ -129,9 +136,16 @@ def plan_study(config: StudyConfig, quick: bool = False, ablations=ABLATIONS) ->
                        (f"{mixed}, random subset", dataclasses.replace(long_mixed, data="random"))]
     schedule = [schedule_point(k * steps, mix)
                 for k in (SCHEDULE_STEPS[:2] if quick else SCHEDULE_STEPS) for mix in (0.0, mix_ratios[-1])]
+
+    def strategy_run(strategy: str, **changes) -> Run:
+        return dataclasses.replace(default, strategy=strategy, **changes,
+                                   gated_layers=default.gated_layers if strategy in GATED_STRATEGIES else 0)
+
+    fair = [(f"{s}, lr {lr:g}, {k * steps} steps", strategy_run(s, lr=lr, steps=k * steps, mix_ratio=mix_ratios[-1]))
+            for s in STRATEGY_ORDER for lr in FAIR_LRS for k in (FAIR_STEPS[:1] if quick else FAIR_STEPS)]
     plan = {
-        "strategy": [(s, dataclasses.replace(default, strategy=s, gated_layers=default.gated_layers
-                                             if s in GATED_STRATEGIES else 0)) for s in STRATEGY_ORDER],
+        "strategy": [(s, strategy_run(s)) for s in STRATEGY_ORDER],
+        "fair-strategy": fair,
         "subset": [(d, dataclasses.replace(default, data=d)) for d in ("retrieved", "random", "oracle")],
         "mode": [(m, dataclasses.replace(default, mode=m)) for m in ("t2t", "t2i", "both")],
         "size": [(f"{n} per class", dataclasses.replace(default, per_class=n)) for n in size_points],
@@ -220,7 +234,7 @@ def do_run(study_dir: Path, kb: Path, base: Path, run: Run, config: StudyConfig,
     resume = "latest" if any((run_dir / "checkpoints").glob("step_*.pt")) else None
     # workers: the trainer's default, which fits the loader to the retrieved set's few shards
     summary = train(TrainConfig(str(shards), run_dir, pretrained=str(base), strategy=run.strategy, steps=run.steps,
-                                batch_size=config.batch, precision=config.precision, seed=run.seed,
+                                lr=run.lr, batch_size=config.batch, precision=config.precision, seed=run.seed,
                                 gated_layers=run.gated_layers or None, mix_ratio=run.mix_ratio,
                                 mix_shards=str(study_dir / "world" / "pretrain") if run.mix_ratio else None,
                                 resume=resume))
@@ -248,7 +262,8 @@ def choose_schedule(points: list[tuple[str, Run]], records: dict[str, dict], bas
         if not done:
             continue
         val = {t: float(np.mean([r["val_scores"][t] for r in done])) for t in TASKS}
-        candidates.append({"label": label, "steps": run.steps, "mix_ratio": run.mix_ratio, "seeds": len(done),
+        candidates.append({"label": label, "steps": run.steps, "mix_ratio": run.mix_ratio, "lr": run.lr,
+                           "seeds": len(done),
                            "val_target_change": round(float(np.mean([val[t] - base_val[t] for t in TARGET_TASKS])), 3),
                            "val_worst_control_change": round(min(val[t] - base_val[t] for t in CONTROL_TASKS), 3)})
     eligible = [c for c in candidates if c["val_worst_control_change"] >= -CONTROL_TOLERANCE]
@@ -257,6 +272,25 @@ def choose_schedule(points: list[tuple[str, Run]], records: dict[str, dict], bas
     return {"rule": f"largest mean target gain on the validation sets among the schedules that keep every "
                     f"control task within {CONTROL_TOLERANCE:g} points of base there",
             "candidates": candidates, "complete": complete, "chosen": chosen and chosen["label"]}
+
+
+def fair_strategy_choice(points: list[tuple[str, Run]], records: dict[str, dict], base: dict) -> dict:
+    """Each strategy's schedule, chosen among its own points of the fair-strategy grid by
+    `choose_schedule`'s rule (on the validation sets): {strategy: choice}."""
+    strategies = dict.fromkeys(run.strategy for _, run in points)
+    return {s: choose_schedule([p for p in points if p[1].strategy == s], records, base["val_scores"])
+            for s in strategies}
+
+
+def chosen_strategy_rows(points: list[tuple[str, Run]], choice: dict, records: dict[str, dict],
+                         base_scores: dict) -> list[dict]:
+    """The fair comparison: base, then every strategy whose choice is made, at its chosen schedule (test sets)."""
+    rows = [base_row(base_scores)]
+    for label, run in points:
+        if choice[run.strategy]["chosen"] == label and (done := _runs_of(run, records)):
+            rows.append({**table_row(run.strategy, sorted(done, key=lambda r: r["seed"]), base_scores),
+                         "schedule": label})
+    return rows
 
 
 def _setting(key: str) -> str:
@@ -328,6 +362,9 @@ TABLE_TITLES = {
     "layers": ("Number of gated layers (the last N image layers)", "gated layers"),
     "forgetting": ("Bounding forgetting (gated-image)", "setting"),
     "schedule": ("Customization schedule, test sets (gated-image; chosen on the validation sets, below)", "schedule"),
+    "fair-strategy": ("Every strategy on the same grid of learning rates and lengths, test sets", "strategy, schedule"),
+    "fair-strategy-chosen": ("Strategies, each at its schedule chosen on the validation sets (fair comparison)",
+                             "strategy"),
     "methods": ("Retrieval-augmented methods: the checkpoints they start from (customized on the retrieved set)",
                 "strategy"),
 }
@@ -336,6 +373,7 @@ TABLE_TITLES = {
 def ablation_table(ablation: str, rows: list[dict], kb_size: int) -> list[str]:
     title, first = TABLE_TITLES[ablation]
     extra = {"strategy": ["image", "text", "trainable", "paper IN-1k"], "layers": ["trainable"],
+             "fair-strategy-chosen": ["image", "text", "trainable", "paper IN-1k"],
              "methods": ["trainable"],
              "size": ["pairs", "% of KB"], "subset": ["pairs"], "mode": ["pairs", "paper IN-1k"]}.get(ablation, [])
     columns = [first, *extra, *(f"{t} (target)" for t in TARGET_TASKS), *(f"{t} (control)" for t in CONTROL_TASKS),
@@ -413,6 +451,9 @@ def write_study(study_dir: Path, summary: dict) -> None:
                 for task, v in summary["retrieved_vs_random"].items()), ""]
         if ablation == "schedule" and summary.get("schedule_choice"):
             lines += schedule_lines(summary["schedule_choice"]) + [""]
+        if ablation == "fair-strategy-chosen" and summary.get("strategy_choice"):
+            for strategy, choice in summary["strategy_choice"].items():
+                lines += [f"**{strategy}**:", ""] + schedule_lines(choice) + [""]
         if ablation == "methods" and summary.get("methods"):
             lines += methods_lines(summary["methods"]) + [""]
     lines += gates_table(summary["runs"], summary["depth"]) + [""]
@@ -508,7 +549,8 @@ def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: S
     started = time.time()
     base, kb = prepare(study_dir, config, cache_dir, clock)
     with clock("base scores", "zero-shot scores of the base model on every task"):
-        base_scores = base_model_scores(study_dir, base, config.workers, validate="schedule" in plan)
+        base_scores = base_model_scores(study_dir, base, config.workers,
+                                        validate=bool({"schedule", "fair-strategy"} & set(plan)))
     default_retrieved = Run(mode=config.retrieve_mode, per_class=config.per_class)
 
     def subset_size() -> int:  # random and oracle subsets: as many pairs as the default retrieved set
@@ -516,7 +558,7 @@ def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: S
 
     seed_list = list(range(config.seed, config.seed + seeds))
     runs = seeded_runs(plan, seed_list)
-    candidates = {_setting(run.key) for _, run in plan.get("schedule", [])}
+    candidates = {_setting(run.key) for _, run in plan.get("schedule", []) + plan.get("fair-strategy", [])}
     records: dict[str, dict] = {}
     summary = {}
     for run in tqdm(runs, desc="study", unit="run"):
@@ -605,6 +647,10 @@ def study_summary(config: StudyConfig, quick: bool, plan: dict, seeds: list[int]
     """What STUDY/study.json holds after the runs done so far: settings, base scores, every table,
     the retrieved-vs-random gain, the schedule choice and every run."""
     tables = build_tables(plan, records, base["scores"])
+    strategy_choice = fair_strategy_choice(plan["fair-strategy"], records, base) if "fair-strategy" in plan else None
+    if strategy_choice:
+        tables["fair-strategy-chosen"] = chosen_strategy_rows(plan["fair-strategy"], strategy_choice, records,
+                                                              base["scores"])
     subset = {row["label"]: row for row in tables.get("subset", [])}
     return {
         "settings": {**asdict(config), "quick": quick, "ablations": list(plan)},
@@ -615,6 +661,7 @@ def study_summary(config: StudyConfig, quick: bool, plan: dict, seeds: list[int]
         if {"retrieved", "random"} <= set(subset) else None,
         "schedule_choice": choose_schedule(plan["schedule"], records, base["val_scores"])
         if "schedule" in plan else None,
+        "strategy_choice": strategy_choice,
         "runs": list(records.values()), "runs_done": len(records), "runs_planned": planned,
         "run_seconds": round(sum(r["seconds"]["train"] + r["seconds"]["eval"] for r in records.values()), 1),
         "stages": clock.seconds, "seconds": round(time.time() - started, 1), "versions": versions(),
