@@ -11,7 +11,7 @@ import webdataset as wds
 from PIL import Image
 
 from react_vl.concepts import COLORS, MINI_TASKS, SHAPES, STYLE_WORDS, STYLES
-from react_vl.world import SKETCH_COLOUR_RATE, WorldConfig, generate_world
+from react_vl.world import SKETCH_COLOUR_RATE, WEB_TEXTURE_SHARES, WorldConfig, generate_world
 
 SMALL = dict(pretrain_size=48, kb_size=48, eval_size=16, val_size=16, shard_size=24)
 
@@ -109,6 +109,8 @@ def test_concept_distribution_follows_the_config(tiny_world):
         for attribute, classes in (("shape", SHAPES), ("color", list(COLORS))):
             for name in classes:
                 assert _within(sum(m[attribute] == name for m in metas), total, 1 / len(classes)), (corpus, name)
+        for texture, share in WEB_TEXTURE_SHARES.items():  # mostly plain objects
+            assert _within(sum(m["texture"] == texture for m in metas), total, share), (corpus, texture)
         noisy = sum(m["noisy"] for m in metas)
         assert _within(noisy, total, config["noise_rate"]), (corpus, noisy)
 

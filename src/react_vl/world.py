@@ -8,7 +8,7 @@ colour at night); control tasks ask for the dominant one, to measure forgetting.
 
 Two variants (`WorldConfig.variant`). "web", the default, draws the rare styles as their web
 counterparts look: a pencil sketch is a monochrome graphite outline whose caption rarely names a
-colour, a night photo is dark and grainy. "colour-cue" is the first world: sketches are outlines
+colour, a night photo is dark and grainy; and most objects are plain (WEB_TEXTURE_SHARES). "colour-cue" is the first world: sketches are outlines
 in the object's colour and every caption names it, a cue that lets a base solve sketch shapes by
 colour words without knowing the shapes (the study's "base lacks the concept" row).
 
@@ -69,6 +69,8 @@ STYLE_PHRASES = {
 # A web sketch's alt-text rarely names a colour ("web" variant): these phrases leave it out.
 SKETCH_PHRASES = ["{s}", "{z} {s}", "{s} {p}", "{z} {s} {p}", "hand-drawn {s}", "{s} doodle"]
 SKETCH_COLOUR_RATE = 0.1  # share of "web" sketch captions that still name the colour
+# Texture shares ("web" variant): most objects are plain, patterned ones a minority ("colour-cue": uniform)
+WEB_TEXTURE_SHARES = {"solid": 0.7, "striped": 0.1, "dotted": 0.1, "checkered": 0.1}
 VARIANTS = ("web", "colour-cue")
 JUNK_CAPTIONS = ["IMG_{n}.jpg", "DSC{n}", "click to enlarge", "image may contain: text", "untitled",
                  "stock photo {n}", "view larger", "thumbnail", "free shipping on orders over $50",
@@ -120,11 +122,13 @@ class WorldConfig:
 
 
 # --- one sample ---------------------------------------------------------------------------------
-def sample_attributes(rng: np.random.Generator, style: str) -> dict:
+def sample_attributes(rng: np.random.Generator, style: str, variant: str = "web") -> dict:
+    texture = rng.choice(TEXTURES, p=[WEB_TEXTURE_SHARES[t] for t in TEXTURES]) if variant == "web" else \
+        TEXTURES[rng.integers(len(TEXTURES))]
     return {
         "shape": SHAPES[rng.integers(len(SHAPES))],
         "color": list(COLORS)[rng.integers(len(COLORS))],
-        "texture": TEXTURES[rng.integers(len(TEXTURES))],
+        "texture": str(texture),
         "size": list(SIZES)[rng.integers(len(SIZES))],
         "position": list(POSITIONS)[rng.integers(len(POSITIONS))],
         "background": list(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))],
@@ -311,7 +315,7 @@ def _generate_shard(job: dict) -> Counter:
     counts = Counter()
 
     def draw_attributes():
-        return sample_attributes(rng, styles[rng.choice(len(styles), p=shares)])
+        return sample_attributes(rng, styles[rng.choice(len(styles), p=shares)], job["variant"])
 
     with atomic_path(job["path"]) as tmp, tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for i in range(job["count"]):
