@@ -198,6 +198,33 @@ def test_shrunken_study_end_to_end_and_resumes(tiny_world, tiny_world_config, ti
         run_study(out, quick=True, config=dataclasses.replace(tiny, steps=5), seeds=1, cache_dir=cache)
 
 
+@pytest.mark.slow
+def test_concept_ablation_runs_the_same_run_on_the_colour_cue_world(tiny_world, tiny_world_config, tiny_trained_model,
+                                                                     tmp_path):
+    tiny = StudyConfig(world=tiny_world_config, model="mini-vit-test", base_steps=40, base_batch=64, base_lr=1e-3,
+                       per_class=8, steps=4, batch=32, precision="fp32", workers=0)
+    out, cache = tmp_path / "study", tmp_path / "cache"
+    shutil.copytree(tiny_world, out / "world")
+    shutil.copytree(tiny_trained_model.parent, cache / f"base-{cache_key(tiny)}")
+    (cache / f"base-{cache_key(tiny)}" / "summary.json").write_text(json.dumps(
+        {**json.loads((tiny_trained_model.parent / "summary.json").read_text()), "cache_key": cache_key(tiny)}))
+    summary = run_study(out, quick=True, config=tiny, seeds=1, ablations=["concept"], cache_dir=cache)
+
+    assert json.loads((out / "colour-cue" / "world" / "world.json").read_text())["config"]["variant"] == "colour-cue"
+    assert (out / "colour-cue" / "base" / "model.pt").is_file()  # its own base, trained on its own world
+    rows = summary["tables"]["concept"]
+    assert [r["label"] for r in rows] == ["base", "gated-image, web world", "base, colour-cue world",
+                                          "gated-image, colour-cue world"]
+    cue_base = json.loads((out / "colour-cue" / "base_scores.json").read_text())
+    assert rows[2]["scores"] == {t: {"mean": v, "std": None, "n": 1} for t, v in cue_base.items()}
+    cue_run = json.loads(next((out / "colour-cue" / "runs").glob("*/result.json")).read_text())
+    assert rows[3]["scores"][TARGET_TASKS[0]]["mean"] == cue_run["scores"][TARGET_TASKS[0]]
+    assert set(summary["concept"]["precondition"]) == {"web", "colour-cue"}
+    assert all(len(r["criteria"]) > 5 for r in summary["concept"]["precondition"].values())
+    markdown = (out / "study.md").read_text()
+    assert "The base lacks the concept" in markdown and "colour-cue world's base, precondition" in markdown
+
+
 def test_cli_refuses_bad_options(tmp_path):
     from click.testing import CliRunner
 

@@ -445,7 +445,7 @@ def demo(out, seed, base_steps, base_batch, world_variant, steps, mix_ratio, no_
               help="Customization seeds per ablation point (mean ± std over them) [default: 3, 1 with --quick].")
 @click.option("--ablation", "ablations", multiple=True,
               type=click.Choice(["strategy", "fair-strategy", "subset", "mode", "size", "layers", "forgetting",
-                                 "schedule", "methods"]),
+                                 "schedule", "concept", "methods"]),
               help="Run only these ablations (repeatable) [default: all but methods, which runs only when named: "
                    "REACT, REAL, Neural Priming, SWAT, WiSE-FT and gate scaling side by side].")
 @base_model_options

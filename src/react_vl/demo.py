@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .concepts import ATTRIBUTE_CLASSES, CONTROL_TASKS, MINI_TASKS, TARGET_TASKS
-from .experiment import (BASE_CACHE, ExperimentConfig, StageClock, check_precondition, prepare, print_precondition,
-                         random_subset, retrieve_targets, versions)
-from .utils import read_json, write_json
+from .experiment import (BASE_CACHE, ExperimentConfig, StageClock, base_precondition, prepare, random_subset,
+                         retrieve_targets, versions)
+from .utils import write_json
 
 RANDOM_CONTROL = "gated-image (random subset)"
 # The demo's bars (issue 16), checked on the test sets of one seed and reported either way
@@ -43,21 +43,6 @@ class DemoConfig(ExperimentConfig):
     steps: int = 600
     mix_ratio: float = 0.5  # share of every customization batch drawn from the pretraining corpus
     random_control: bool = True
-
-
-def base_precondition(demo_dir: Path, base: Path, workers: int) -> dict:
-    """REACT's precondition on the base, before any customization: its zero-shot scores and class-prompt
-    cosines on the world's validation sets (never the test sets) and its pretraining time, checked by
-    `experiment.check_precondition`; printed as a table, with a warning for each failed criterion."""
-    from .evaluate import evaluate
-
-    results = evaluate([f"base=@{base}"], TARGET_TASKS + CONTROL_TASKS, data=str(demo_dir / "world"),
-                       out=demo_dir / "precondition", workers=workers, split="val")
-    scores = {name: 100 * by_model["base"]["score"] for name, by_model in results["zero_shot"].items()}
-    cosines = {name: by_model["base"]["class_prompt_cosine"] for name, by_model in results["zero_shot"].items()}
-    record = check_precondition(scores, read_json(base.parent / "summary.json")["time_s"], cosines)
-    print_precondition(record)
-    return record
 
 
 def ground_truth(selected: Path) -> dict:

@@ -145,6 +145,21 @@ def print_precondition(record: dict) -> None:
               "bars may not show what the method does")
 
 
+def base_precondition(out: Path, base: Path, workers: int) -> dict:
+    """REACT's precondition on the base, before any customization: its zero-shot scores and class-prompt
+    cosines on the validation sets of OUT/world (never the test sets) and its pretraining time, checked
+    by `check_precondition` (evaluation in OUT/precondition); printed, a warning per failed criterion."""
+    from .evaluate import evaluate
+
+    results = evaluate([f"base=@{base}"], list(MINI_TASKS), data=str(out / "world"), out=out / "precondition",
+                       workers=workers, split="val")
+    scores = {name: 100 * by_model["base"]["score"] for name, by_model in results["zero_shot"].items()}
+    cosines = {name: by_model["base"]["class_prompt_cosine"] for name, by_model in results["zero_shot"].items()}
+    record = check_precondition(scores, read_json(base.parent / "summary.json")["time_s"], cosines)
+    print_precondition(record)
+    return record
+
+
 def choose_gate_scale(curve: dict[float, dict[str, float]], base_scores: dict[str, float],
                       roles: dict[str, str]) -> dict:
     """The gate scale lambda to use, chosen on the validation sets by a rule fixed before any run (the

@@ -8,6 +8,9 @@ The ablations (REACT's tables; docs/DESIGN.md for the stages they run through):
 - fair-strategy: every strategy over the same grid of learning rates and lengths (the same
   compute for each), each strategy's schedule chosen on the validation sets by `choose_schedule`'s
   rule, and the strategies compared at their chosen schedules;
+- concept: why REACT's precondition matters. The default gated-image run on the web world and on
+  the colour-cue world, whose base can match sketches to captions by colour and so lacks the
+  shapes in sketches; each base's precondition check (validation sets) beside its gain;
 - training set: retrieved vs a random subset of the knowledge base of the same size vs an oracle
   subset of that size (pairs whose ground-truth style is a target's, captions not noisy);
 - retrieval mode: t2t, t2i, both;  retrieval size: ~1%, the demo's size, ~10% of the knowledge base;
@@ -46,12 +49,13 @@ import numpy as np
 from tqdm import tqdm
 
 from .concepts import ATTRIBUTE_CLASSES, CONTROL_TASKS, MINI_TASKS, TARGET_TASKS
-from .experiment import (BASE_CACHE, CONTROL_TOLERANCE, ExperimentConfig, StageClock, prepare, random_subset,
-                         retrieve_targets, versions, write_subset)
+from .experiment import (BASE_CACHE, CONTROL_TOLERANCE, ExperimentConfig, StageClock, base_precondition, prepare,
+                         random_subset, retrieve_targets, versions, write_subset)
 from .strategies import GATED_STRATEGIES
 from .utils import atomic_path, markdown_table, read_json, write_json
 
-ABLATIONS = ("strategy", "fair-strategy", "subset", "mode", "size", "layers", "forgetting", "schedule", "methods")
+ABLATIONS = ("strategy", "fair-strategy", "subset", "mode", "size", "layers", "forgetting", "schedule", "concept",
+             "methods")
 DEFAULT_ABLATIONS = ABLATIONS[:-1]  # methods runs only when named: `react-vl study --ablation methods`
 METHOD_CHECKPOINTS = ("gated-image", "locked-text", "full")  # the methods comparison's trained starting points
 STRATEGY_ORDER = ("locked-image", "locked-text", "full", "gated-image", "gated-image-text")
@@ -146,6 +150,7 @@ def plan_study(config: StudyConfig, quick: bool = False, ablations=ABLATIONS) ->
     plan = {
         "strategy": [(s, strategy_run(s)) for s in STRATEGY_ORDER],
         "fair-strategy": fair,
+        "concept": [("gated-image, web world", default)],
         "subset": [(d, dataclasses.replace(default, data=d)) for d in ("retrieved", "random", "oracle")],
         "mode": [(m, dataclasses.replace(default, mode=m)) for m in ("t2t", "t2i", "both")],
         "size": [(f"{n} per class", dataclasses.replace(default, per_class=n)) for n in size_points],
@@ -363,6 +368,8 @@ TABLE_TITLES = {
     "forgetting": ("Bounding forgetting (gated-image)", "setting"),
     "schedule": ("Customization schedule, test sets (gated-image; chosen on the validation sets, below)", "schedule"),
     "fair-strategy": ("Every strategy on the same grid of learning rates and lengths, test sets", "strategy, schedule"),
+    "concept": ("The base lacks the concept: the same run on the web and the colour-cue world (each against "
+                "its own base)", "world, model"),
     "fair-strategy-chosen": ("Strategies, each at its schedule chosen on the validation sets (fair comparison)",
                              "strategy"),
     "methods": ("Retrieval-augmented methods: the checkpoints they start from (customized on the retrieved set)",
@@ -454,6 +461,8 @@ def write_study(study_dir: Path, summary: dict) -> None:
         if ablation == "fair-strategy-chosen" and summary.get("strategy_choice"):
             for strategy, choice in summary["strategy_choice"].items():
                 lines += [f"**{strategy}**:", ""] + schedule_lines(choice) + [""]
+        if ablation == "concept" and summary.get("concept"):
+            lines += concept_lines(summary["concept"]) + [""]
         if ablation == "methods" and summary.get("methods"):
             lines += methods_lines(summary["methods"]) + [""]
     lines += gates_table(summary["runs"], summary["depth"]) + [""]
@@ -567,6 +576,12 @@ def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: S
                                   validate=_setting(run.key) in candidates)
         summary = study_summary(config, quick, plan, seed_list, base_scores, records, len(runs), clock, started)
         write_study(study_dir, summary)
+    if "concept" in plan:
+        with clock("concept", "the same run on the colour-cue world, whose base lacks the shapes in sketches"):
+            summary["concept"] = lacks_concept(study_dir, base, config, plan["concept"][0][1], seed_list, cache_dir,
+                                               clock)
+        summary["tables"]["concept"] += summary["concept"]["rows"]
+        write_study(study_dir, summary)
     if "methods" in plan:
         with clock("methods", "every method on the retrieved set, zero-shot and few-shot, seed by seed"):
             summary["methods"] = compare_methods_seeds(study_dir, kb, base, plan["methods"], seed_list, config,
@@ -576,6 +591,33 @@ def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: S
     print(f"\nstudy: {study_dir / 'study.md'} and {study_dir / 'study.json'} "
           f"({len(records)} runs, {summary['seconds'] / 60:.0f} min)")
     return summary
+
+
+def lacks_concept(study_dir: Path, base: Path, config: StudyConfig, run: Run, seeds: list[int],
+                  cache_dir: str | Path | None, clock: StageClock) -> dict:
+    """The concept ablation's colour-cue rows: that world's base, KB and retrieval in STUDY/colour-cue,
+    `run` there at every seed, and both bases' precondition checks (validation sets)."""
+    cue = dataclasses.replace(config, world=dataclasses.replace(config.world, variant="colour-cue"))
+    cue_dir = study_dir / "colour-cue"
+    cue_base, cue_kb = prepare(cue_dir, cue, cache_dir, clock)
+    cue_scores = base_model_scores(cue_dir, cue_base, config.workers, validate=False)["scores"]
+    results = [do_run(cue_dir, cue_kb, cue_base, dataclasses.replace(run, seed=seed), cue, lambda: 0)
+               for seed in seeds]
+    return {"rows": [{**base_row(cue_scores), "label": "base, colour-cue world"},
+                     table_row("gated-image, colour-cue world", results, cue_scores)],
+            "precondition": {"web": base_precondition(study_dir, base, config.workers),
+                             "colour-cue": base_precondition(cue_dir, cue_base, config.workers)}}
+
+
+def concept_lines(concept: dict) -> list[str]:
+    """Each world's base against REACT's precondition: the criteria it fails."""
+    lines = []
+    for world, record in concept["precondition"].items():
+        failed = [f"{c['task']} {c['criterion']} {c['value']:g} (bar {c['op']} {c['bar']:g})"
+                  for c in record["criteria"] if not c["passed"]]
+        lines.append(f"- {world} world's base, precondition (validation sets): "
+                     + ("met" if not failed else "NOT met: " + "; ".join(failed)))
+    return lines
 
 
 def compare_methods_seeds(study_dir: Path, kb: Path, base: Path, points: list[tuple[str, Run]], seeds: list[int],
