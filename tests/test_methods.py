@@ -78,6 +78,8 @@ def test_real_prompt_names_each_class_by_its_most_frequent_synonym(tiny, tmp_pat
     assert names == expected and torch.equal(head.weight, text_head(renamed).weight)
     with pytest.raises(ValueError, match="not among its class names"):
         Task("shapes", ["circle"], ["{}"], synonyms={"oval": ["ellipse"]})
+    (tmp_path / "shapes.json").write_text(json.dumps(task.to_dict()))  # a task file lists synonyms as a mapping
+    assert get_task(str(tmp_path / "shapes.json")) == task
 
 
 def oracle_features(labels: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
