@@ -454,7 +454,8 @@ def train(config: TrainConfig) -> dict:
     run = _setup(config)
     env, out = run.env, Path(config.out)
     writer = _tensorboard(out) if env.is_main else None
-    progress = tqdm(total=run.total_steps, initial=run.start, desc="customize", unit="step", disable=not env.is_main)
+    progress = tqdm(total=run.total_steps, initial=run.start, desc=f"train ({config.strategy})", unit="step",
+                    disable=not env.is_main)
     started = interval_start = time.time()
     interval_seen = 0
     run.model.train()
