@@ -74,6 +74,8 @@ def cache_key(config: ExperimentConfig) -> str:
     """The base model's identity: what it is trained on and how (workers and val_size change no byte)."""
     import open_clip
 
+    from . import models  # noqa: F401  (registers the mini-world model configs, part of the identity)
+
     record = {"world": config.world.corpus_settings(), "model": open_clip.get_model_config(config.model),
               "seed": config.seed, "steps": config.base_steps, "batch": config.base_batch, "lr": config.base_lr}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
