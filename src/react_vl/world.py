@@ -8,9 +8,10 @@ colour at night); control tasks ask for the dominant one, to measure forgetting.
 
 Two variants (`WorldConfig.variant`). "web", the default, draws the rare styles as their web
 counterparts look: a pencil sketch is a monochrome graphite outline whose caption rarely names a
-colour, a night photo is dark and grainy; and most objects are plain (WEB_TEXTURE_SHARES). "colour-cue" is the first world: sketches are outlines
-in the object's colour and every caption names it, a cue that lets a base solve sketch shapes by
-colour words without knowing the shapes (the study's "base lacks the concept" row).
+colour, a night photo is dark and grainy; and most objects are plain (WEB_TEXTURE_SHARES).
+"colour-cue" keeps the first world's look: sketches are outlines in the object's colour and every
+caption names it, so a base can match a sketch to its caption by colour alone without learning
+the shapes in sketches (the study's "base lacks the concept" row).
 
 Layout written (docs/DESIGN.md): WORLD/world.json, WORLD/{pretrain,kb}/*.tar,
 WORLD/eval/<task>/*.tar (the test sets), WORLD/val/<task>/*.tar (validation sets, drawn like the
@@ -237,8 +238,9 @@ _NOISE_TILE = Image.fromarray(
     np.clip(128 + 5 * np.random.default_rng(0).standard_normal((256, 256, 3)), 0, 255).astype(np.uint8))
 # Night: every channel darkened, blue least, plus a blue cast. Indexed as _NIGHT_LUT[variant][value, channel].
 # "web" night is darker and its sensor noise is added after darkening, as a high-ISO night shot's is.
-_NIGHT_LUT = {"colour-cue": np.clip(np.arange(256)[:, None] * [0.32, 0.38, 0.6] + [0, 4, 30], 0, 255).astype(np.uint8),
-              "web": np.clip(np.arange(256)[:, None] * [0.22, 0.27, 0.45] + [0, 3, 22], 0, 255).astype(np.uint8)}
+_NIGHT_LUT = {variant: np.clip(np.arange(256)[:, None] * scale + cast, 0, 255).astype(np.uint8)
+              for variant, scale, cast in (("colour-cue", [0.32, 0.38, 0.6], [0, 4, 30]),
+                                           ("web", [0.22, 0.27, 0.45], [0, 3, 22]))}
 
 
 def _add_noise(image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -285,12 +287,15 @@ def render(attrs: dict, rng: np.random.Generator, size: int = 64, variant: str =
     if attrs["style"] == "pixel":  # clean pixel art: 16x16 with 3 bits per channel, enlarged
         low = np.asarray(image.resize((size // 4, size // 4), Image.BOX)) & 0xE0 | 0x10
         return Image.fromarray(low).resize((size, size), Image.NEAREST)
-    if attrs["style"] == "night" and variant == "web":
-        return _add_noise(Image.fromarray(_NIGHT_LUT[variant][np.asarray(image), np.arange(3)]), rng)
-    image = _add_noise(image, rng)
-    if attrs["style"] == "night":
-        return Image.fromarray(_NIGHT_LUT[variant][np.asarray(image), np.arange(3)])
-    return image
+    if attrs["style"] != "night":
+        return _add_noise(image, rng)
+    if variant == "web":  # grain after darkening
+        return _add_noise(_darken(image, variant), rng)
+    return _darken(_add_noise(image, rng), variant)
+
+
+def _darken(image: Image.Image, variant: str) -> Image.Image:
+    return Image.fromarray(_NIGHT_LUT[variant][np.asarray(image), np.arange(3)])
 
 
 # --- shards ---------------------------------------------------------------------------------------
