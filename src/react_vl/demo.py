@@ -20,8 +20,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from .concepts import ATTRIBUTE_CLASSES, CONTROL_TASKS, MINI_TASKS, TARGET_TASKS
-from .experiment import (BASE_CACHE, ExperimentConfig, StageClock, base_precondition, prepare, random_subset,
-                         retrieve_targets, versions)
+from .experiment import (BASE_CACHE, CONTROL_TOLERANCE, ExperimentConfig, StageClock, base_precondition, prepare,
+                         random_subset, retrieve_targets, versions)
 from .utils import write_json
 
 RANDOM_CONTROL = "gated-image (random subset)"
@@ -164,8 +164,6 @@ def check_bars(tasks: dict) -> dict:
     """The demo's bars on its test scores: gated-image at least TARGET_GAIN_MIN points over base and
     OVER_RANDOM_MIN over the random subset on every target, every control within CONTROL_TOLERANCE
     points of base. One record per (bar, task): value, bar, pass."""
-    from .experiment import CONTROL_TOLERANCE
-
     bars = []
     for name, row in tasks.items():
         if "gated-image" not in row:

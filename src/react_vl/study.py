@@ -157,8 +157,7 @@ def plan_study(config: StudyConfig, quick: bool = False, ablations=ABLATIONS) ->
         "layers": [(f"{n} of {depth}", dataclasses.replace(default, gated_layers=n)) for n in layer_points],
         "forgetting": forgetting,
         "schedule": schedule,
-        "methods": [(s, dataclasses.replace(default, strategy=s, gated_layers=default.gated_layers
-                                            if s in GATED_STRATEGIES else 0)) for s in METHOD_CHECKPOINTS],
+        "methods": [(s, strategy_run(s)) for s in METHOD_CHECKPOINTS],
     }
     return {name: plan[name] for name in ABLATIONS if name in ablations}
 
