@@ -78,6 +78,14 @@ def _serving(app):
         thread.join(10)
 
 
+def _copy_retrieved(retrieved: Path, out: Path) -> list[int]:
+    """A copy of retrieved set `retrieved` (its parquet and summary, no curation) in `out`; its pair ids."""
+    out.mkdir()
+    for name in ("retrieved.parquet", "summary.json"):
+        shutil.copy(retrieved / name, out / name)
+    return pq.read_table(out / "retrieved.parquet", columns=["id"]).column("id").to_pylist()
+
+
 def _post(url: str, body, content_type: str | None = None) -> tuple[int, object]:
     """POST a body (JSON-encoded unless bytes) the way ClipClient does (requests' data=: no content type)."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -363,10 +371,7 @@ def trained_run(world_kb, tiny_world, tmp_path_factory):
     kb, retrieved = world_kb
     root = tmp_path_factory.mktemp("lineage")
     copy = root / "trained"
-    copy.mkdir()
-    for name in ("retrieved.parquet", "summary.json"):
-        shutil.copy(retrieved / name, copy / name)
-    ids = pq.read_table(copy / "retrieved.parquet", columns=["id"]).column("id").to_pylist()
+    ids = _copy_retrieved(retrieved, copy)
     curation.record_decisions(copy, ids[:1], "reject", who="ana")
     sha256 = {f"{name}_sha256": hashlib.sha256((copy / f"{name}.{ext}").read_bytes()).hexdigest()
               for name, ext in (("retrieved", "parquet"), ("curation", "json"))}
@@ -705,10 +710,7 @@ def test_materialize_leaves_out_the_rejected_pairs_and_counts_them(world_kb, tmp
 
     kb, retrieved = world_kb
     curated = tmp_path / "r"
-    curated.mkdir()
-    for name in ("retrieved.parquet", "summary.json"):
-        shutil.copy(retrieved / name, curated / name)
-    ids = pq.read_table(curated / "retrieved.parquet", columns=["id"]).column("id").to_pylist()
+    ids = _copy_retrieved(retrieved, curated)
     curation.record_decisions(curated, ids[:3], "reject", who="ana")
     curation.record_decisions(curated, ids[2:3], "accept", who="ben")  # the latest decision counts
     summary = materialize(curated, tmp_path / "shards", kb=kb, progress=False)
