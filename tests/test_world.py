@@ -11,7 +11,8 @@ import webdataset as wds
 from PIL import Image
 
 from react_vl.concepts import COLORS, MINI_TASKS, SHAPES, STYLE_WORDS, STYLES
-from react_vl.world import SKETCH_COLOUR_RATE, WEB_TEXTURE_SHARES, WorldConfig, generate_world
+from react_vl.world import (NIGHT_CHROMA, SKETCH_COLOUR_RATE, SKETCH_SHADING_RATE, WEB_TEXTURE_SHARES, WorldConfig,
+                            _desaturate, generate_world)
 
 SMALL = dict(pretrain_size=48, kb_size=48, eval_size=16, val_size=16, shard_size=24)
 
@@ -62,8 +63,11 @@ def test_resume_regenerates_only_missing_shards_and_refuses_another_config(tmp_p
 def test_corpus_settings_leave_out_only_what_changes_no_corpus_byte():
     settings = WorldConfig(workers=1, val_size=5).corpus_settings()
     assert settings == WorldConfig(workers=3).corpus_settings() != WorldConfig(seed=1).corpus_settings()
-    assert set(settings) == set(vars(WorldConfig())) - {"workers", "val_size"}
+    assert set(settings) == set(vars(WorldConfig())) - {"workers", "val_size"} | {"look"}
     assert json.loads(json.dumps(settings)) == settings  # as world.json stores them
+    # the look: a hash of what this code draws, which changes with the drawing, not with the seed
+    assert settings["look"] == WorldConfig(seed=1).corpus_settings()["look"] != \
+        WorldConfig(variant="colour-cue").corpus_settings()["look"]
 
 
 def test_config_validation_names_the_field():
@@ -204,3 +208,19 @@ def test_styles_look_different(tiny_world):
     blocks = pixel.reshape(len(pixel), 16, 4, 16, 4, 3)
     assert (blocks.max(axis=(2, 4)) == blocks.min(axis=(2, 4))).all()  # 4x4 blocks of one colour
     assert not (photo.reshape(blocks.shape).std(axis=(2, 4)) == 0).all()
+
+
+def test_web_sketches_are_often_hatched_inside_and_web_nights_are_washed_out(tiny_world):
+    sketch = np.stack([np.asarray(Image.open(io.BytesIO(s["png"])), dtype=np.float32)
+                       for s in _samples(tiny_world, "eval/mini-shape-sketch")]).mean(axis=-1)
+    # hatching: pale pencil strokes (between the dark outline and the paper) over a good part of the image
+    # (an outline alone leaves 2-10% of the pixels pale where it is anti-aliased, a hatched one 6-32%)
+    pale = ((sketch > 110) & (sketch < 200)).mean(axis=(1, 2))
+    shaded = float((pale > 0.085).mean())
+    assert SKETCH_SHADING_RATE - 0.2 < shaded < SKETCH_SHADING_RATE + 0.2 and (pale < 0.06).any(), pale.round(3)
+
+    # night: every pixel keeps NIGHT_CHROMA of its distance to its own grey (then is darkened)
+    rgb = np.array([[[215, 35, 35], [128, 128, 128]]], dtype=np.uint8)
+    out = np.asarray(_desaturate(Image.fromarray(rgb), NIGHT_CHROMA), dtype=np.float32)
+    grey = rgb[0, 0].astype(np.float32) @ np.array([0.299, 0.587, 0.114])
+    assert np.allclose(out[0, 0], grey + NIGHT_CHROMA * (rgb[0, 0] - grey), atol=1) and (out[0, 1] == 128).all()

@@ -7,8 +7,9 @@ role of an object, and *rendering styles* play the role of domains: "photo" domi
 colour at night); control tasks ask for the dominant one, to measure forgetting.
 
 Two variants (`WorldConfig.variant`). "web", the default, draws the rare styles as their web
-counterparts look: a pencil sketch is a monochrome graphite outline whose caption rarely names a
-colour, a night photo is dark and grainy; and most objects are plain (WEB_TEXTURE_SHARES).
+counterparts look: a pencil sketch is a monochrome graphite outline, often shaded with hatching
+(SKETCH_SHADING_RATE), whose caption rarely names a colour; a night photo is dark, grainy and
+washed out (NIGHT_CHROMA); and most objects are plain (WEB_TEXTURE_SHARES).
 "colour-cue" keeps the first world's look: sketches are outlines in the object's colour and every
 caption names it, so a base can match a sketch to its caption by colour alone without learning
 the shapes in sketches (the study's "base lacks the concept" row).
@@ -22,6 +23,7 @@ shard that exists is complete (written atomically), which makes generation resum
 """
 
 import functools
+import hashlib
 import io
 import json
 import multiprocessing
@@ -70,6 +72,8 @@ STYLE_PHRASES = {
 # A web sketch's alt-text rarely names a colour ("web" variant): these phrases leave it out.
 SKETCH_PHRASES = ["{s}", "{z} {s}", "{s} {p}", "{z} {s} {p}", "hand-drawn {s}", "{s} doodle"]
 SKETCH_COLOUR_RATE = 0.1  # share of "web" sketch captions that still name the colour
+SKETCH_SHADING_RATE = 0.6  # share of "web" sketches shaded inside the outline with pencil hatching
+NIGHT_CHROMA = 0.5  # share of its colour saturation a "web" night photo keeps: low light washes colour out
 # Texture shares ("web" variant): most objects are plain, patterned ones a minority ("colour-cue": uniform)
 WEB_TEXTURE_SHARES = {"solid": 0.7, "striped": 0.1, "dotted": 0.1, "checkered": 0.1}
 VARIANTS = ("web", "colour-cue")
@@ -115,14 +119,31 @@ class WorldConfig:
                              f"(got {self.shard_size}, {self.image_size})")
 
     def corpus_settings(self) -> dict:
-        """The fields that decide the bytes of the corpora and the test sets, as JSON types: all but
+        """What decides the bytes of the corpora and the test sets, as JSON types: every field but
         `workers` (which process draws a shard changes none of it) and `val_size` (the validation
-        sets come from streams of their own and are regenerated to match; nothing else reads them)."""
-        return {key: value for key, value in json.loads(json.dumps(asdict(self))).items()
-                if key not in ("workers", "val_size")}
+        sets come from streams of their own and are regenerated to match; nothing else reads them),
+        and the `look` of this code's drawing (look_fingerprint), which no field tells."""
+        fields = {key: value for key, value in json.loads(json.dumps(asdict(self))).items()
+                  if key not in ("workers", "val_size")}
+        return {**fields, "look": look_fingerprint(self.variant)}
 
 
 # --- one sample ---------------------------------------------------------------------------------
+@functools.cache
+def look_fingerprint(variant: str) -> str:
+    """A hash of a fixed handful of pairs of every style drawn and captioned by this code: it
+    changes whenever the drawing or the caption grammar does, so a world (or a base model trained
+    on one) made by other code is not mistaken for this code's."""
+    rng = np.random.default_rng(0)
+    digest = hashlib.sha256()
+    for style in STYLES:
+        for _ in range(4):
+            attrs = sample_attributes(rng, style, variant)
+            digest.update(render(attrs, rng, 64, variant).tobytes())
+            digest.update(make_caption(attrs, rng, variant).encode())
+    return digest.hexdigest()[:16]
+
+
 def sample_attributes(rng: np.random.Generator, style: str, variant: str = "web") -> dict:
     texture = rng.choice(TEXTURES, p=[WEB_TEXTURE_SHARES[t] for t in TEXTURES]) if variant == "web" else \
         TEXTURES[rng.integers(len(TEXTURES))]
@@ -237,7 +258,8 @@ def _texture(texture: str, rng: np.random.Generator, size: int) -> np.ndarray:
 _NOISE_TILE = Image.fromarray(
     np.clip(128 + 5 * np.random.default_rng(0).standard_normal((256, 256, 3)), 0, 255).astype(np.uint8))
 # Night: every channel darkened, blue least, plus a blue cast. Indexed as _NIGHT_LUT[variant][value, channel].
-# "web" night is darker and its sensor noise is added after darkening, as a high-ISO night shot's is.
+# "web" night is darker, washed out (NIGHT_CHROMA), and its sensor noise is added after darkening, as a
+# high-ISO night shot's is.
 _NIGHT_LUT = {variant: np.clip(np.arange(256)[:, None] * scale + cast, 0, 255).astype(np.uint8)
               for variant, scale, cast in (("colour-cue", [0.32, 0.38, 0.6], [0, 4, 30]),
                                            ("web", [0.22, 0.27, 0.45], [0, 3, 22]))}
@@ -265,17 +287,28 @@ def _ink(attrs: dict, rng: np.random.Generator, variant: str) -> tuple[int, int,
     return tuple(int(c * 0.85) for c in COLORS[attrs["color"]])
 
 
+def _sketch(mask: Image.Image, attrs: dict, rng: np.random.Generator, variant: str) -> Image.Image:
+    """An outline band (dilated minus eroded silhouette) in ink on paper; most "web" sketches also
+    shade the inside with lighter pencil hatching (a striped texture in a paler grey)."""
+    size = mask.size[0]
+    alpha = np.asarray(mask)
+    ink = _ink(attrs, rng, variant)
+    paper = Image.new("RGB", (size, size), (242, 242, 238))
+    if variant == "web" and rng.random() < SKETCH_SHADING_RATE:
+        strokes = Image.fromarray((_texture("striped", rng, size) * alpha).astype(np.uint8))
+        paper = Image.composite(Image.new("RGB", (size, size), tuple(c + 70 for c in ink)), paper, strokes)
+    band = Image.fromarray(_spread(alpha, np.maximum) - _spread(alpha, np.minimum))
+    return _add_noise(Image.composite(Image.new("RGB", (size, size), ink), paper, band), rng)
+
+
 def render(attrs: dict, rng: np.random.Generator, size: int = 64, variant: str = "web") -> Image.Image:
     """Draw one object in its style. Photo: textured fill on a noisy background; sketch: an
     outline on paper; night: the photo darkened and blue-tinted; pixel: the photo at a quarter
     resolution, enlarged without smoothing. `variant`: how sketch and night look (VARIANTS)."""
     mask = _shape_mask(attrs, rng, size).resize((size, size), Image.BILINEAR)
     color = COLORS[attrs["color"]]
-    if attrs["style"] == "sketch":  # outline band: dilated minus eroded silhouette
-        alpha = np.asarray(mask)
-        band = Image.fromarray(_spread(alpha, np.maximum) - _spread(alpha, np.minimum))
-        ink = Image.new("RGB", (size, size), _ink(attrs, rng, variant))
-        return _add_noise(Image.composite(ink, Image.new("RGB", (size, size), (242, 242, 238)), band), rng)
+    if attrs["style"] == "sketch":
+        return _sketch(mask, attrs, rng, variant)
     brightness = rng.uniform(0.85, 1.1)
     background_rgb = tuple(min(255, int(c * brightness)) for c in BACKGROUNDS[attrs["background"]])
     background = Image.new("RGB", (size, size), background_rgb)
@@ -289,13 +322,20 @@ def render(attrs: dict, rng: np.random.Generator, size: int = 64, variant: str =
         return Image.fromarray(low).resize((size, size), Image.NEAREST)
     if attrs["style"] != "night":
         return _add_noise(image, rng)
-    if variant == "web":  # grain after darkening
-        return _add_noise(_darken(image, variant), rng)
+    if variant == "web":  # washed out, then darkened; twice the grain, after darkening (high ISO)
+        return _add_noise(_add_noise(_darken(_desaturate(image, NIGHT_CHROMA), variant), rng), rng)
     return _darken(_add_noise(image, rng), variant)
 
 
 def _darken(image: Image.Image, variant: str) -> Image.Image:
     return Image.fromarray(_NIGHT_LUT[variant][np.asarray(image), np.arange(3)])
+
+
+def _desaturate(image: Image.Image, keep: float) -> Image.Image:
+    """Every pixel moved towards its own grey (ITU-R 601 luma), keeping `keep` of its saturation."""
+    rgb = np.asarray(image, dtype=np.float32)
+    grey = rgb @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    return Image.fromarray(np.clip(grey[..., None] + keep * (rgb - grey[..., None]) + 0.5, 0, 255).astype(np.uint8))
 
 
 # --- shards ---------------------------------------------------------------------------------------
@@ -432,7 +472,8 @@ def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None
         if changed:
             raise ValueError(f"{world_json} was generated with a different config ({', '.join(changed)}); "
                              f"use another --out folder or delete {out_dir}")
-    write_json({"config": asdict(config), "complete": False}, world_json)  # claims the folder
+    settings = {**asdict(config), "look": look_fingerprint(config.variant)}
+    write_json({"config": settings, "complete": False}, world_json)  # claims the folder
     for name in MINI_TASKS:
         write_json({**get_task(name).to_dict(), "eval": f"eval/{name}", "val": f"val/{name}"},
                    out_dir / "tasks" / f"{name}.json")
@@ -450,7 +491,7 @@ def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None
     seconds = time.time() - start
     total = sum(job["count"] for job in jobs)
     summary = {
-        "config": asdict(config),
+        "config": settings,
         "complete": True,
         "counts": {corpus: _counts_table(counts) for corpus, counts in corpus_counts.items()},
         "shards": {"total": len(jobs), "generated": generated, "reused": len(jobs) - generated},
