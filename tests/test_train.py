@@ -5,6 +5,7 @@ import random
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -166,7 +167,7 @@ def test_streams_split_the_shards_and_resume_where_they_stopped(shards, tmp_path
     assert [sum(i in general_ids for i in b["text_ids"].tolist()) for b in mixed] == [4, 4, 4]
 
 
-def test_shard_urls_of_any_kind_webdataset_opens(shards):
+def test_shard_urls_of_any_kind_and_shard_lists_webdataset_opens(shards):
     import functools
     import http.server
     import threading
@@ -181,6 +182,8 @@ def test_shard_urls_of_any_kind_webdataset_opens(shards):
     finally:
         server.shutdown()
     assert [b["keys"] for b in piped] == [b["keys"] for b in served] == [b["keys"] for b in local]
+    listed, _ = _batches([sorted(str(p) for p in Path(shards).glob("*.tar"))], [16], n=6)  # a list of shards
+    assert [b["keys"] for b in listed] == [b["keys"] for b in local]
 
 
 # --- training ----------------------------------------------------------------------------------

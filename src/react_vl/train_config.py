@@ -11,7 +11,7 @@ from pathlib import Path
 @dataclass
 class TrainConfig:
     """One training run. `shards`: the (retrieved) shard set; `out`: the run folder RUN/."""
-    shards: str | list
+    shards: str | list  # a folder, pattern or URL, or a list of them
     out: str | Path
     model: str | None = None  # open_clip name; may be None when `pretrained` is a react-vl checkpoint
     pretrained: str | None = None  # open_clip tag or checkpoint path; None: random init

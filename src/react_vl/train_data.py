@@ -87,8 +87,8 @@ def open_shard_set(spec, env, train_num_samples: int | None = None, need_count: 
     The count is SHARDS/summary.json's, else the sum of img2dataset's `successes`, else
     `train_num_samples`, else (when `need_count`) counted on rank 0 and broadcast.
     """
-    spec = str(spec)
-    shards = list_shards(spec)
+    shards = list_shards(spec)  # a folder, pattern or URL, or a list of them
+    spec = str(spec) if isinstance(spec, (str, Path)) else ",".join(map(str, spec))
     not_tar = [s for s in shards if not s.startswith("pipe:") and not s.split("?")[0].endswith(TAR_EXTS)]
     if not_tar:
         raise ValueError(f"{spec}: customize reads webdataset .tar shards; {not_tar[:3]} are not (materialize a "
