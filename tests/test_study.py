@@ -221,6 +221,7 @@ def test_concept_ablation_runs_the_same_run_on_the_colour_cue_world(tiny_world, 
     assert rows[3]["scores"][TARGET_TASKS[0]]["mean"] == cue_run["scores"][TARGET_TASKS[0]]
     assert set(summary["concept"]["precondition"]) == {"web", "colour-cue"}
     assert all(len(r["criteria"]) > 5 for r in summary["concept"]["precondition"].values())
+    assert summary["seconds"] >= summary["stages"]["concept"] > 0  # the invocation's time counts the concept stage
     markdown = (out / "study.md").read_text()
     assert "The base lacks the concept" in markdown and "colour-cue world's base, precondition" in markdown
 

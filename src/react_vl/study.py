@@ -580,6 +580,7 @@ def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: S
             summary["concept"] = lacks_concept(study_dir, base, config, plan["concept"][0][1], seed_list, cache_dir,
                                                clock)
         summary["tables"]["concept"] += summary["concept"]["rows"]
+        summary["seconds"] = round(time.time() - started, 1)
         write_study(study_dir, summary)
     if "methods" in plan:
         with clock("methods", "every method on the retrieved set, zero-shot and few-shot, seed by seed"):
