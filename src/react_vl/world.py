@@ -118,14 +118,17 @@ class WorldConfig:
             raise ValueError(f"WorldConfig: shard_size must be >= 1 and image_size >= 16 "
                              f"(got {self.shard_size}, {self.image_size})")
 
+    def settings(self) -> dict:
+        """Every field, and the `look` of this code's drawing (look_fingerprint), which no field
+        tells: what world.json records."""
+        return {**asdict(self), "look": look_fingerprint(self.variant)}
+
     def corpus_settings(self) -> dict:
-        """What decides the bytes of the corpora and the test sets, as JSON types: every field but
+        """What decides the bytes of the corpora and the test sets, as JSON types: the settings but
         `workers` (which process draws a shard changes none of it) and `val_size` (the validation
-        sets come from streams of their own and are regenerated to match; nothing else reads them),
-        and the `look` of this code's drawing (look_fingerprint), which no field tells."""
-        fields = {key: value for key, value in json.loads(json.dumps(asdict(self))).items()
-                  if key not in ("workers", "val_size")}
-        return {**fields, "look": look_fingerprint(self.variant)}
+        sets come from streams of their own and are regenerated to match; nothing else reads them)."""
+        return {key: value for key, value in json.loads(json.dumps(self.settings())).items()
+                if key not in ("workers", "val_size")}
 
 
 # --- one sample ---------------------------------------------------------------------------------
@@ -472,7 +475,7 @@ def generate_world(out_dir: str | os.PathLike, config: WorldConfig | None = None
         if changed:
             raise ValueError(f"{world_json} was generated with a different config ({', '.join(changed)}); "
                              f"use another --out folder or delete {out_dir}")
-    settings = {**asdict(config), "look": look_fingerprint(config.variant)}
+    settings = config.settings()
     write_json({"config": settings, "complete": False}, world_json)  # claims the folder
     for name in MINI_TASKS:
         write_json({**get_task(name).to_dict(), "eval": f"eval/{name}", "val": f"val/{name}"},
