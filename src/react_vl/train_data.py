@@ -27,6 +27,7 @@ else it is counted once on rank 0 and sent to the others.
 
 import io
 import itertools
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +89,7 @@ def open_shard_set(spec, env, train_num_samples: int | None = None, need_count: 
     `train_num_samples`, else (when `need_count`) counted on rank 0 and broadcast.
     """
     shards = list_shards(spec)  # a folder, pattern or URL, or a list of them
-    spec = str(spec) if isinstance(spec, (str, Path)) else ",".join(map(str, spec))
+    spec = str(spec) if isinstance(spec, (str, os.PathLike)) else ",".join(map(str, spec))
     not_tar = [s for s in shards if not s.startswith("pipe:") and not s.split("?")[0].endswith(TAR_EXTS)]
     if not_tar:
         raise ValueError(f"{spec}: customize reads webdataset .tar shards; {not_tar[:3]} are not (materialize a "
