@@ -1,8 +1,13 @@
 """The training speed paths compute what the plain model computes: the sequence-first layout
 (set_trainable) and gradient checkpointing (set_grad_checkpointing), each against the model
-without it: same features, same loss, same gradients of every trainable weight."""
+without it: same features, same loss, same gradients of every trainable weight. And the
+allocator setting the trainer makes on CPU (utils.keep_freed_memory) does what it says."""
 
 import copy
+import os
+import resource
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,6 +18,7 @@ from torch.profiler import profile
 from react_vl.loss import UniCLLoss
 from react_vl.models import sequence_first
 from react_vl.strategies import build_model, set_grad_checkpointing, set_trainable
+from react_vl.utils import keep_freed_memory
 
 
 def _batch_first(model):
@@ -119,3 +125,48 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients(strategy, towers):
     assert [calls["text", i] for i in range(text_blocks)] == [2 if towers["text"] else 1] * text_blocks
     set_grad_checkpointing(checkpointed, False)
     assert not checkpointed.visual.transformer.grad_checkpointing and not checkpointed.transformer.grad_checkpointing
+
+
+_FAULTS = """
+import resource, sys, torch
+from react_vl.strategies import build_model
+from react_vl.train import make_optimizer
+from react_vl.utils import keep_freed_memory
+made = keep_freed_memory() if sys.argv[1] == "keep" else None
+torch.manual_seed(0)
+model, _, tokenizer = build_model("mini-vit", None, "full")
+optimizer = make_optimizer(model, 1e-4, 0.1)
+images, texts = torch.randn(16, 3, 64, 64), tokenizer(["a sketch of a star"] * 16)
+
+def step():  # a full training step: its token-embedding gradient alone is a 38 MB block
+    image, text, scale = model(images, texts)
+    (scale * image @ text.T).logsumexp(1).mean().backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+step(); step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print(made, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_reuses_a_training_steps_blocks_instead_of_faulting_fresh_pages(monkeypatch):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+
+    def faults_per_step(mode):
+        out = subprocess.run([sys.executable, "-c", _FAULTS, mode], env=env, capture_output=True, text=True,
+                             check=True).stdout.split()
+        return out[0], float(out[1])
+
+    made, kept = faults_per_step("keep")
+    _, plain = faults_per_step("plain")
+    assert made == "True"
+    gradient_pages = 49408 * 192 * 4 / resource.getpagesize()
+    assert plain > 0.5 * gradient_pages, f"glibc's default faults the large blocks fresh every step ({plain:.0f})"
+    print(f"page faults a step: {plain:.0f} by default, {kept:.0f} kept")
+    assert kept < 0.1 * plain, f"kept blocks are reused: {kept:.0f} page faults a step against {plain:.0f}"
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert keep_freed_memory() is False  # the environment's own glibc setting wins

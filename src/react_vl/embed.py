@@ -29,7 +29,7 @@ from .data import ParquetColumns, SkipLog, decode_image, list_shards, read_shard
 from .distributed import init_distributed
 from .kb import finished_parts, make_ids, write_info, write_part
 from .models import load_model, text_tower_fingerprint
-from .utils import autocast_dtype, write_json
+from .utils import autocast_dtype, keep_freed_memory, write_json
 
 PART_META_KEY = b"react_vl"  # parquet schema metadata of each part: model, shard, skips
 
@@ -142,6 +142,8 @@ def embed_corpus(corpus: str | list[str], model: str | None, pretrained: str | N
     started = time.time()
     kb_dir = Path(out)
     env = init_distributed(device)
+    if env.device.type == "cpu":
+        keep_freed_memory()
     shards = list_shards(corpus)
     clip, preprocess, tokenizer, dim, amp_dtype, made_with = _load(model, pretrained, env.device, precision, dtype)
 

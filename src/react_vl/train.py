@@ -40,7 +40,7 @@ from .strategies import (GATED_STRATEGIES, TRAINED_PARTS, build_model, check_str
                          set_trainable)
 from .train_config import TrainConfig
 from .train_data import RankBatches, ShardSet, Source, check_streams, open_shard_set
-from .utils import atomic_path, atomic_save, autocast_dtype, write_json
+from .utils import atomic_path, atomic_save, autocast_dtype, keep_freed_memory, write_json
 
 
 @dataclass
@@ -274,6 +274,8 @@ def _build(config: TrainConfig, env: DistEnv, sources: list[Source]):
 
 def _setup(config: TrainConfig) -> _Run:
     env = init_distributed(config.device)
+    if env.device.type == "cpu":
+        keep_freed_memory()  # before the loader workers fork, so they keep theirs too
     sources, workers = _sources(config, env)
     model, counts, transform, tokenizer, optimizer, scaler, amp_dtype, lr = _build(config, env, sources)
     main = sources[0]

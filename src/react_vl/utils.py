@@ -5,6 +5,8 @@ torch is imported where it is used, so the world generator and the CLI start wit
 """
 
 import contextlib
+import ctypes
+import ctypes.util
 import json
 import os
 import tempfile
@@ -74,6 +76,32 @@ def _json_default(obj):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# glibc mallopt parameters, and the size up to which freed blocks stay in the process for reuse
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+KEEP_FREED_BYTES = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Have glibc keep freed blocks up to KEEP_FREED_BYTES for reuse instead of unmapping them.
+
+    A training or embedding step frees and allocates the same large tensors every step
+    (activations, the token embedding's dense gradient). glibc maps blocks above its threshold
+    (at most 32 MiB) fresh from the system each time, and every page of a fresh block faults
+    and is zeroed on first touch. Keeping them is what the jemalloc / tcmalloc that PyTorch's
+    CPU performance guide recommends do. A process's memory then stays at its peak, which a
+    training process reaches every step anyway. Returns whether the setting was made: not off
+    glibc, and not when the environment sets glibc's own MALLOC_MMAP_THRESHOLD_ /
+    MALLOC_TRIM_THRESHOLD_ (a benchmark measuring memory does).
+    """
+    if any(name in os.environ for name in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c")).mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): its allocator is left alone
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, KEEP_FREED_BYTES) and mallopt(_M_TRIM_THRESHOLD, KEEP_FREED_BYTES))
 
 
 def resolve_device(device: str | None = None) -> "torch.device":
