@@ -25,7 +25,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_customize import StepProbe, write_shards  # noqa: E402
+from bench_customize import StepProbe, run_or_measure, write_shards  # noqa: E402
 
 
 def measure(spec: dict) -> dict:
@@ -90,16 +90,7 @@ def main():
     parser.add_argument("--skip", type=int, default=3, help="warm-up steps before them")
     parser.add_argument("--workers", type=int, default=2, help="loader workers")
     parser.add_argument("--repeats", type=int, default=2, help="runs of each arm per strategy")
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one run's spec, as JSON
-    args = parser.parse_args()
-    if args.one:
-        print(json.dumps(measure(json.loads(args.one))))
-        return
-    rows = run_all(args)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"command": sys.argv, "rows": rows}, indent=1))
+    run_or_measure(parser, measure, run_all)
 
 
 if __name__ == "__main__":

@@ -181,8 +181,15 @@ def main():
     parser.add_argument("--workers", type=int, default=1, help="loader workers")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated; the first is the reference")
     parser.add_argument("--compile", action="store_true", help="also full and gated-image under torch.compile")
+    run_or_measure(parser, measure, run_all)
+
+
+def run_or_measure(parser: argparse.ArgumentParser, measure, run_all):
+    """A side-by-side benchmark's entry point: with --one SPEC (how run_all starts each run in a
+    fresh subprocess) measure that one run and print it as JSON; else run them all, and with
+    --json write their rows to that file."""
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one variant's spec, as JSON
+    parser.add_argument("--one", default=None, help=argparse.SUPPRESS)  # internal: one run's spec, as JSON
     args = parser.parse_args()
     if args.one:
         print(json.dumps(measure(json.loads(args.one))))
