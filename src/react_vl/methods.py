@@ -538,28 +538,57 @@ def _stat(values: list[float], signed: bool = False) -> str:
     return text if len(values) == 1 else f"{text} ± {float(np.std(values, ddof=1)):.1f}"
 
 
-def methods_table(records: list[dict], targets: list[str], controls: list[str]) -> list[str]:
-    """Markdown lines: every method row, mean ± std over the seeds' records, Δ against zero-shot."""
+def method_groups(records: list[dict], targets: list[str], controls: list[str]) -> list[dict]:
+    """Each (method, shots, setting) row over the seeds' records: its rows and zero-shot's, and
+    every seed's mean change against zero-shot on the target / control tasks."""
     groups: dict[tuple, list[tuple[dict, dict]]] = {}
     for record in records:
         zero = next(r for r in record["rows"] if r["method"] == "zero-shot")
         for row in record["rows"]:
             groups.setdefault((row["method"], row["shots"], str(row["knob"])), []).append((row, zero))
+    return [{"method": method, "shots": shots, "pairs": pairs,
+             **{name: [float(np.mean([row["scores"][t] - zero["scores"][t] for t in tasks])) for row, zero in pairs]
+                for name, tasks in (("target", targets), ("control", controls))}}
+            for (method, shots, _), pairs in groups.items()]
+
+
+def methods_table(records: list[dict], targets: list[str], controls: list[str]) -> list[str]:
+    """Markdown lines: every method row, mean ± std over the seeds' records, Δ against zero-shot."""
     columns = ["method", "shots", "setting", *(f"{t} (target)" for t in targets),
                *(f"{t} (control)" for t in controls), "Δ target", "Δ control", "trainable", "train s",
                "extra storage", "inference overhead"]
     lines = []
-    for (method, shots, _), pairs in groups.items():
+    for group in method_groups(records, targets, controls):
+        pairs = group["pairs"]
         first = pairs[0][0]
         chosen = sum(row["chosen"] for row, _ in pairs)
         knob = "" if first["knob"] is None else str(first["knob"])
         if chosen:
             knob += f" (chosen on val{'' if len(pairs) == 1 else f': {chosen}/{len(pairs)} seeds'})"
-        change = {name: [float(np.mean([row["scores"][t] - zero["scores"][t] for t in tasks])) for row, zero in pairs]
-                  for name, tasks in (("target", targets), ("control", controls))}
         scores = [_stat([row["scores"][t] for row, _ in pairs]) for t in targets + controls]
-        lines.append([method, shots or "0", knob, *scores,
-                      _stat(change["target"], True), _stat(change["control"], True), f"{first['trainable']:,}",
+        lines.append([group["method"], group["shots"] or "0", knob, *scores,
+                      _stat(group["target"], True), _stat(group["control"], True), f"{first['trainable']:,}",
                       f"{np.mean([row['train_s'] for row, _ in pairs]):.1f}", _size_text(first["storage_bytes"]),
                       first["inference"]])
     return markdown_table(columns, lines)
+
+
+def draw_methods(ax, records: list[dict], targets: list[str], controls: list[str], shots: int = 0) -> None:
+    """Target gain against control change of every method at `shots`, mean ± std over the seeds;
+    of a method whose knob was chosen on val, only the chosen setting."""
+    groups = [g for g in method_groups(records, targets, controls)
+              if (g["shots"] or 0) == shots and g["method"] != "zero-shot"]  # zero-shot: the origin
+    chosen = {g["method"] for g in groups if any(row["chosen"] for row, _ in g["pairs"])}
+    for group in groups:
+        if group["method"] in chosen and not any(row["chosen"] for row, _ in group["pairs"]):
+            continue
+        (x, dx), (y, dy) = ((float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+                            for v in (group["control"], group["target"]))
+        ax.errorbar(x, y, xerr=dx, yerr=dy, fmt="o", capsize=2)
+        knob = group["pairs"][0][0]["knob"]
+        ax.annotate(group["method"] + ("" if knob is None else f" {knob}"), (x, y), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    ax.axhline(0, color="k", lw=0.5)
+    ax.axvline(0, color="k", lw=0.5)
+    ax.set(xlabel="Δ control (points)", ylabel="Δ target (points)",
+           title=f"methods, {shots} shots" if shots else "methods, zero-shot")

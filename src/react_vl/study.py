@@ -469,7 +469,7 @@ def write_study(study_dir: Path, summary: dict) -> None:
     if figure is not None:
         with atomic_path(study_dir / "study.png") as tmp:
             figure.savefig(tmp, format="png", dpi=110)
-        lines += ["![target gain against forgetting, size and layer curves, gate openings](study.png)", ""]
+        lines += ["![target gain against forgetting, size and layer curves, gate openings, methods](study.png)", ""]
     with atomic_path(study_dir / "study.md") as tmp:
         tmp.write_text("\n".join(lines))
 
@@ -483,7 +483,8 @@ def study_figure(summary: dict):
     gated = [r for r in summary["runs"] if r["gates"]]
     if not tables:
         return None
-    panels = ["trade-off"] + [name for name in ("size", "layers") if name in tables] + (["gates"] if gated else [])
+    panels = ["trade-off"] + [name for name in ("size", "layers") if name in tables] + (["gates"] if gated else []) \
+        + (["methods"] if summary.get("methods") else [])
     figure = Figure(figsize=(4.4 * len(panels), 3.6), layout="constrained")
     for ax, panel in zip(figure.subplots(1, len(panels), squeeze=False)[0], panels):
         if panel == "trade-off":  # every row of every ablation, one point each
@@ -518,6 +519,9 @@ def study_figure(summary: dict):
             else:
                 ax.set_xticks(x)
             ax.legend(fontsize=7)
+        elif panel == "methods":
+            from .methods import draw_methods
+            draw_methods(ax, summary["methods"]["records"], TARGET_TASKS, CONTROL_TASKS)
         else:  # mean |tanh(alpha)| per layer over every gated run
             layers = sorted({int(layer) for r in gated for layer in r["gates"]})
             for gate in ("attn", "dense"):
