@@ -16,7 +16,7 @@ from helpers import make_kb
 from react_vl.concepts import CONTROL_TASKS, TARGET_TASKS
 from react_vl.evaluate import cached_features, task_data_path, text_classifier, weights_fingerprint, zero_shot
 from react_vl.experiment import cache_key
-from react_vl.methods import (Pool, draw_shots, methods_table, most_frequent_names, neural_priming,
+from react_vl.methods import (Pool, draw_methods, draw_shots, methods_table, most_frequent_names, neural_priming,
                               neural_priming_transductive, real_linear, real_prompt, score, shots_of, text_head,
                               wise_ft, wise_ft_model, write_shot_shard)
 from react_vl.models import load_model
@@ -163,6 +163,22 @@ def test_methods_table_means_and_deltas_over_seeds():
     assert cells[:4] == ["Neural Priming", "0", "0.3 (chosen on val: 1/2 seeds)", "56.0 ± 2.8"]
     assert cells[3 + len(tasks):] == ["+3.0 ± 1.4", "+0.0 ± 0.0", "1,032", "2.0", "4.1 kB", "none"]
 
+
+
+def test_methods_picture_shows_each_method_once_at_its_chosen_setting():
+    from matplotlib.figure import Figure
+
+    def row(method, gain, knob=None, chosen=False, shots=0):
+        scores = {**dict.fromkeys(TARGET_TASKS + CONTROL_TASKS, 50.0), TARGET_TASKS[0]: 50.0 + gain}
+        return {"method": method, "shots": shots, "knob": knob, "chosen": chosen, "scores": scores}
+
+    records = [{"rows": [row("zero-shot", 0.0), row("Neural Priming", 2.0, 0.1), row("Neural Priming", 6.0, 0.3, True),
+                         row("REAL-Linear", 4.0), row("linear probe (base)", 9.0, shots=16)]}]
+    ax = Figure().subplots()
+    draw_methods(ax, records, TARGET_TASKS, CONTROL_TASKS)
+    labels = {text.get_text(): text.xy for text in ax.texts}
+    assert labels == {"Neural Priming 0.3": (0.0, 6.0 / len(TARGET_TASKS)),
+                      "REAL-Linear": (0.0, 4.0 / len(TARGET_TASKS))}  # not zero-shot, the unchosen blend, 16 shots
 
 @pytest.mark.slow
 def test_methods_ablation_end_to_end_and_resumes(tiny_world, tiny_world_config, tiny_trained_model, tmp_path):
