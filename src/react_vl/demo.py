@@ -32,8 +32,8 @@ OVER_RANDOM_MIN = 3.0  # gated-image over the random subset of the same size, ev
 
 @dataclass
 class DemoConfig(ExperimentConfig):
-    """Everything the demo does, with defaults sized to finish within 30 minutes on 2 CPU cores
-    (docs/results/measurements-behind-defaults.md)."""
+    """Everything the demo does, with defaults sized to finish within 25 minutes on 2 CPU cores,
+    install included (docs/results/measurements-behind-defaults.md)."""
     # customization: strategy -> learning rate (the paper's values)
     strategies: dict = field(default_factory=lambda: {"gated-image": 5e-4, "locked-text": 5e-5})
     # The schedule `react-vl study --ablation schedule` chose on the world's validation sets (never
