@@ -11,7 +11,7 @@ import webdataset as wds
 from PIL import Image
 
 from react_vl.concepts import COLORS, MINI_TASKS, SHAPES, STYLE_WORDS, STYLES
-from react_vl.world import (NIGHT_CHROMA, SKETCH_COLOUR_RATE, SKETCH_SHADING_RATE, WEB_TEXTURE_SHARES, WorldConfig,
+from react_vl.world import (NIGHT_CHROMA, SKETCH_COLOUR_RATE, SKETCH_SHADING_RATE, SKETCH_SUBJECT_ONLY_RATE, WEB_TEXTURE_SHARES, WorldConfig,
                             _desaturate, generate_world)
 
 SMALL = dict(pretrain_size=48, kb_size=48, eval_size=16, val_size=16, shard_size=24)
@@ -145,7 +145,7 @@ def test_eval_images_never_appear_in_a_corpus_or_the_validation_set(tiny_world):
 
 def test_clean_captions_name_the_shape_any_non_photo_style_and_the_colour_but_in_most_sketches(tiny_world):
     checked = {style: 0 for style in STYLES}
-    sketch_colour = []
+    sketch_colour, subject_only = [], []
     for sample in _samples(tiny_world, "kb"):
         meta, caption = json.loads(sample["json"]), sample["txt"].decode()
         if meta["noisy"]:
@@ -157,10 +157,14 @@ def test_clean_captions_name_the_shape_any_non_photo_style_and_the_colour_but_in
         else:
             assert meta["color"] in words, caption
         named = {style for style, cues in STYLE_WORDS.items() if any(cue in caption for cue in cues)}
+        if meta["style"] == "sketch" and meta["color"] not in words:  # or only its subject, as clip-art's alt-text
+            subject_only.append(not named)
+            named = named or {"sketch"}
         assert named == ({meta["style"]} if meta["style"] != "photo" else set()), (meta["style"], caption)
         checked[meta["style"]] += 1
     assert all(checked.values()), checked  # every style was seen
     assert _within(sum(sketch_colour), len(sketch_colour), SKETCH_COLOUR_RATE), (sum(sketch_colour), len(sketch_colour))
+    assert _within(sum(subject_only), len(subject_only), SKETCH_SUBJECT_ONLY_RATE), (sum(subject_only), len(subject_only))
 
 
 def test_colour_cue_variant_keeps_the_first_worlds_coloured_sketches_and_captions(tmp_path):

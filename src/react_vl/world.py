@@ -70,8 +70,10 @@ STYLE_PHRASES = {
               "8-bit pixel art of {o}", "a low-res pixel picture of {o}"],
 }
 # A web sketch's alt-text rarely names a colour ("web" variant): these phrases leave it out.
-SKETCH_PHRASES = ["{s}", "{z} {s}", "{s} {p}", "{z} {s} {p}", "hand-drawn {s}", "{s} doodle"]
+SKETCH_PHRASES = ["{s}", "{z} {s}", "{s} {p}", "{z} {s} {p}"]
 SKETCH_COLOUR_RATE = 0.1  # share of "web" sketch captions that still name the colour
+# A drawing's alt-text often names only its subject, as clip-art's does ("a star", "small arrow on the left")
+SKETCH_SUBJECT_ONLY_RATE = 0.5  # share of "web" sketch captions without a style phrase
 SKETCH_SHADING_RATE = 0.6  # share of "web" sketches shaded inside the outline with pencil hatching
 NIGHT_CHROMA = 0.5  # share of its colour saturation a "web" night photo keeps: low light washes colour out
 # Texture shares ("web" variant): most objects are plain, patterned ones a minority ("colour-cue": uniform)
@@ -164,7 +166,7 @@ def sample_attributes(rng: np.random.Generator, style: str, variant: str = "web"
 
 def make_caption(attrs: dict, rng: np.random.Generator, variant: str = "web") -> str:
     """A clean caption: the object phrase (naming the shape, and the colour but in most "web"
-    sketches) inside a style phrase."""
+    sketches) inside a style phrase; half the "web" sketches name only their subject."""
     def pick(options):
         return options[rng.integers(len(options))]
 
@@ -174,7 +176,8 @@ def make_caption(attrs: dict, rng: np.random.Generator, variant: str = "web") ->
         t=pick(TEXTURE_WORDS[attrs["texture"]]), p=pick(POSITION_WORDS[attrs["position"]]),
         b=pick(BACKGROUND_WORDS[attrs["background"]]))
     article = "an" if phrase[0] in "aeiou" else "a"
-    caption = pick(STYLE_PHRASES[attrs["style"]]).format(o=f"{article} {phrase}")
+    subject_only = plain_sketch and rng.random() < SKETCH_SUBJECT_ONLY_RATE
+    caption = f"{article} {phrase}" if subject_only else pick(STYLE_PHRASES[attrs["style"]]).format(o=f"{article} {phrase}")
     return caption + "." if rng.random() < 0.5 else caption
 
 
