@@ -51,7 +51,7 @@ class ExperimentConfig:
     model: str = "mini-vit"
     seed: int = 0
     # base pretraining: strategy `full` from random initialisation on the pretraining corpus
-    base_steps: int = 1000
+    base_steps: int = 1400
     base_batch: int = 128
     base_lr: float = 5e-4
     # retrieval: class-name prompts of every target task, both modes
