@@ -13,7 +13,7 @@ import webdataset as wds
 from react_vl.world import WorldConfig, generate_world
 
 # Small but with every style in every corpus: 2% of 2,000 pretraining pairs is ~40 sketches. Its
-# pretraining mix is its own, so the tests' 40-step model does not move when the demo's world does.
+# pretraining mix is its own, so the tests' 80-step model does not move when the demo's world does.
 TINY_WORLD = WorldConfig(seed=0, pretrain_size=2_000, kb_size=4_000, eval_size=80, val_size=80, shard_size=1_000,
                          pretrain_styles={"photo": 0.94, "sketch": 0.02, "night": 0.02, "pixel": 0.02}, workers=2)
 
@@ -74,12 +74,12 @@ def free_port() -> int:
 def tiny_trained_model(tiny_world, tmp_path_factory):
     """model.pt of mini-vit-test pretrained (strategy full, from random init) on tiny_world's pretrain shards.
 
-    40 steps of batch 64: colour zero-shot well above chance, shape still near it. RUN/summary.json
+    80 steps of batch 64: well above chance on colours and on night retrieval (test_retrieve). RUN/summary.json
     beside it.
     """
     from react_vl.train import TrainConfig, train
 
     run = tmp_path_factory.mktemp("tiny_trained")
-    train(TrainConfig(tiny_world / "pretrain", run, model="mini-vit-test", strategy="full", steps=40, batch_size=64,
-                      lr=1e-3, warmup=4, log_every=5, checkpoint_every=40, seed=0, workers=1))
+    train(TrainConfig(tiny_world / "pretrain", run, model="mini-vit-test", strategy="full", steps=80, batch_size=64,
+                      lr=1e-3, warmup=4, log_every=5, checkpoint_every=80, seed=0, workers=1))
     return run / "model.pt"

@@ -185,8 +185,7 @@ def test_retrieval_precision_against_ground_truth(trained_kb, tmp_path, mode):
           f"night {night_precision:.2f} (KB share {night_share:.2f})")
     assert summary["retrieved"] == truth["pairs"] >= 60
     assert class_precision >= 0.3
-    if mode != "t2i":  # the tiny model's image tower does not yet tell the web world's dark nights apart:
-        assert night_precision >= 3 * night_share  # t2i finds the colours (above), not the style
+    assert night_precision >= 3 * night_share
 
 
 # --- memory-bounded path vs a straightforward reference; torchrun; resume; bad input ------------
