@@ -17,6 +17,7 @@ from react_vl.study import (
     base_row,
     choose_schedule,
     chosen_strategy_rows,
+    default_ablations,
     fair_strategy_choice,
     gain_in_seed_std,
     gates_table,
@@ -70,6 +71,12 @@ def test_study_figure_draws_one_panel_per_finished_curve():
     assert list(first_target.get_xdata()) == [2, 6] and list(first_target.get_ydata()) == [2.5, 2.5]
     assert list(axes[2].lines[1].get_ydata()) == [0.3]  # dense gate: its size, not its sign
     assert study_figure({"tables": {"subset": [base_row(base)]}, "runs": []}) is None  # nothing finished yet
+
+
+def test_quick_leaves_out_the_second_base_and_neither_runs_methods_unless_named():
+    full, quick = default_ablations(quick=False), default_ablations(quick=True)
+    assert "concept" in full and "concept" not in quick and "methods" not in full + quick
+    assert set(full) - set(quick) == {"concept"} and "strategy" in quick and "fair-strategy" in quick
 
 
 def test_plan_shares_runs_and_refuses_unknown_ablations():

@@ -440,7 +440,8 @@ def demo(out, seed, base_steps, base_batch, world_variant, steps, mix_ratio, no_
 @main.command()
 @click.option("--out", default="react-vl-study", type=click.Path(file_okay=False),
               help="Study folder: world, base, KB, data/, runs/<key>/, study.json, study.md, study.png. Rerun to resume.")
-@click.option("--quick", is_flag=True, help="Fewer points on the size, layer and mixing curves, and 1 seed.")
+@click.option("--quick", is_flag=True, help="Fewer points on the size, layer and mixing curves, 1 seed, and no "
+                                            "concept ablation (it trains a second base: name it to add it).")
 @click.option("--seeds", default=None, type=click.IntRange(min=1),
               help="Customization seeds per ablation point (mean ± std over them) [default: 3, 1 with --quick].")
 @click.option("--ablation", "ablations", multiple=True,
@@ -460,11 +461,11 @@ def study(out, quick, seeds, ablations, base_steps, base_batch, world_variant):
     the customization. A killed study resumes: finished runs are kept; study.json records
     every run's seconds.
     """
-    from .study import DEFAULT_ABLATIONS, StudyConfig, run_study
+    from .study import StudyConfig, default_ablations, run_study
 
     config = StudyConfig(world=WorldConfig(variant=world_variant), base_steps=base_steps, base_batch=base_batch)
-    run_study(out, quick=quick, config=config,
-              seeds=seeds if seeds is not None else 1 if quick else 3, ablations=ablations or DEFAULT_ABLATIONS)
+    run_study(out, quick=quick, config=config, seeds=seeds if seeds is not None else 1 if quick else 3,
+              ablations=ablations or default_ablations(quick))
 
 
 # --- report ------------------------------------------------------------------------------------

@@ -109,6 +109,12 @@ def _depth(model_name: str) -> int:
     return open_clip.get_model_config(model_name)["vision_cfg"]["layers"]
 
 
+def default_ablations(quick: bool) -> tuple[str, ...]:
+    """What a study runs when no ablation is named: all but methods; --quick leaves out the concept
+    ablation too, which generates a second world and pretrains a second base."""
+    return tuple(a for a in DEFAULT_ABLATIONS if not (quick and a == "concept"))
+
+
 def plan_study(config: StudyConfig, quick: bool = False, ablations=ABLATIONS) -> dict[str, list[tuple[str, Run]]]:
     """Each ablation's rows: (label, run at seed 0). `quick` keeps fewer points of the long curves."""
     from .gated import default_gated_layers
