@@ -229,6 +229,9 @@ def test_concept_ablation_runs_the_same_run_on_the_colour_cue_world(tiny_world, 
     assert set(summary["concept"]["precondition"]) == {"web", "colour-cue"}
     assert all(len(r["criteria"]) > 5 for r in summary["concept"]["precondition"].values())
     assert summary["seconds"] >= summary["stages"]["concept"] > 0  # the invocation's time counts the concept stage
+    # the colour-cue world's stages are kept apart, not written over the web world's
+    assert set(summary["concept"]["stages"]) == {"world", "pretrain", "embed", "index"}
+    assert summary["stages"]["concept"] >= sum(summary["concept"]["stages"].values())
     markdown = (out / "study.md").read_text()
     assert "The base lacks the concept" in markdown and "colour-cue world's base, precondition" in markdown
 

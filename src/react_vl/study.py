@@ -587,8 +587,7 @@ def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: S
         write_study(study_dir, summary)
     if "concept" in plan:
         with clock("concept", "the same run on the colour-cue world, whose base lacks the shapes in sketches"):
-            summary["concept"] = lacks_concept(study_dir, base, config, plan["concept"][0][1], seed_list, cache_dir,
-                                               clock)
+            summary["concept"] = lacks_concept(study_dir, base, config, plan["concept"][0][1], seed_list, cache_dir)
         summary["tables"]["concept"] += summary["concept"]["rows"]
         summary["seconds"] = round(time.time() - started, 1)
         write_study(study_dir, summary)
@@ -604,16 +603,18 @@ def run_study(out: str | Path = "react-vl-study", quick: bool = False, config: S
 
 
 def lacks_concept(study_dir: Path, base: Path, config: StudyConfig, run: Run, seeds: list[int],
-                  cache_dir: str | Path | None, clock: StageClock) -> dict:
-    """The concept ablation's colour-cue rows: that world's base, KB and retrieval in STUDY/colour-cue,
-    `run` there at every seed, and both bases' precondition checks (validation sets)."""
+                  cache_dir: str | Path | None) -> dict:
+    """The concept ablation's colour-cue rows: that world's base, KB and retrieval in STUDY/colour-cue
+    (their stage seconds apart from the web world's), `run` there at every seed, and both bases'
+    precondition checks (validation sets)."""
     cue = dataclasses.replace(config, world=dataclasses.replace(config.world, variant="colour-cue"))
     cue_dir = study_dir / "colour-cue"
+    clock = StageClock()
     cue_base, cue_kb = prepare(cue_dir, cue, cache_dir, clock)
     cue_scores = base_model_scores(cue_dir, cue_base, config.workers, validate=False)["scores"]
     results = [do_run(cue_dir, cue_kb, cue_base, dataclasses.replace(run, seed=seed), cue, lambda: 0)
                for seed in seeds]
-    return {"rows": [{**base_row(cue_scores), "label": "base, colour-cue world"},
+    return {"stages": clock.seconds, "rows": [{**base_row(cue_scores), "label": "base, colour-cue world"},
                      table_row("gated-image, colour-cue world", results, cue_scores)],
             "precondition": {"web": base_precondition(study_dir, base, config.workers),
                              "colour-cue": base_precondition(cue_dir, cue_base, config.workers)}}
