@@ -11,8 +11,8 @@ import webdataset as wds
 from PIL import Image
 
 from react_vl.concepts import COLORS, MINI_TASKS, SHAPES, STYLE_WORDS, STYLES
-from react_vl.world import (NIGHT_CHROMA, SKETCH_COLOUR_RATE, SKETCH_SHADING_RATE, SKETCH_SUBJECT_ONLY_RATE, WEB_TEXTURE_SHARES, WorldConfig,
-                            _desaturate, generate_world)
+from react_vl.world import (NIGHT_CHROMA, SKETCH_COLOUR_RATE, SKETCH_SHADING_RATE, SKETCH_SUBJECT_ONLY_RATE,
+                            WEB_TEXTURE_SHARES, WorldConfig, _desaturate, generate_world)
 
 SMALL = dict(pretrain_size=48, kb_size=48, eval_size=16, val_size=16, shard_size=24)
 
@@ -164,7 +164,8 @@ def test_clean_captions_name_the_shape_any_non_photo_style_and_the_colour_but_in
         checked[meta["style"]] += 1
     assert all(checked.values()), checked  # every style was seen
     assert _within(sum(sketch_colour), len(sketch_colour), SKETCH_COLOUR_RATE), (sum(sketch_colour), len(sketch_colour))
-    assert _within(sum(subject_only), len(subject_only), SKETCH_SUBJECT_ONLY_RATE), (sum(subject_only), len(subject_only))
+    assert _within(sum(subject_only), len(subject_only), SKETCH_SUBJECT_ONLY_RATE), \
+        (sum(subject_only), len(subject_only))
 
 
 def test_colour_cue_variant_keeps_the_first_worlds_coloured_sketches_and_captions(tmp_path):

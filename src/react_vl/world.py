@@ -73,7 +73,7 @@ STYLE_PHRASES = {
 SKETCH_PHRASES = ["{s}", "{z} {s}", "{s} {p}", "{z} {s} {p}"]
 SKETCH_COLOUR_RATE = 0.1  # share of "web" sketch captions that still name the colour
 # A drawing's alt-text often names only its subject, as clip-art's does ("a star", "small arrow on the left")
-SKETCH_SUBJECT_ONLY_RATE = 0.5  # share of "web" sketch captions without a style phrase
+SKETCH_SUBJECT_ONLY_RATE = 0.5  # share of the colourless "web" sketch captions without a style phrase
 SKETCH_SHADING_RATE = 0.6  # share of "web" sketches shaded inside the outline with pencil hatching
 NIGHT_CHROMA = 0.5  # share of its colour saturation a "web" night photo keeps: low light washes colour out
 # Texture shares ("web" variant): most objects are plain, patterned ones a minority ("colour-cue": uniform)
@@ -175,9 +175,11 @@ def make_caption(attrs: dict, rng: np.random.Generator, variant: str = "web") ->
         c=attrs["color"], s=attrs["shape"], z=pick(SIZE_WORDS[attrs["size"]]),
         t=pick(TEXTURE_WORDS[attrs["texture"]]), p=pick(POSITION_WORDS[attrs["position"]]),
         b=pick(BACKGROUND_WORDS[attrs["background"]]))
-    article = "an" if phrase[0] in "aeiou" else "a"
-    subject_only = plain_sketch and rng.random() < SKETCH_SUBJECT_ONLY_RATE
-    caption = f"{article} {phrase}" if subject_only else pick(STYLE_PHRASES[attrs["style"]]).format(o=f"{article} {phrase}")
+    subject = f"{'an' if phrase[0] in 'aeiou' else 'a'} {phrase}"
+    if plain_sketch and rng.random() < SKETCH_SUBJECT_ONLY_RATE:
+        caption = subject
+    else:
+        caption = pick(STYLE_PHRASES[attrs["style"]]).format(o=subject)
     return caption + "." if rng.random() < 0.5 else caption
 
 
