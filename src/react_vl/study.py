@@ -13,7 +13,7 @@ The ablations (REACT's tables; docs/DESIGN.md for the stages they run through):
   shapes in sketches; each base's precondition check (validation sets) beside its gain;
 - training set: retrieved vs a random subset of the knowledge base of the same size vs an oracle
   subset of that size (pairs whose ground-truth style is a target's, captions not noisy);
-- retrieval mode: t2t, t2i, both;  retrieval size: ~1%, the demo's size, ~10% of the knowledge base;
+- retrieval mode: t2t, t2i, both;  retrieval size: ~1%, ~3%, the demo's size, ~10% of the knowledge base;
 - number of gated layers, 1 .. depth;
 - forgetting: every row shows the control tasks next to the targets; two ways to bound it are
   measured: mixing a share of general (pretraining) pairs into every batch, and fewer steps;
@@ -66,7 +66,7 @@ TOWERS = {"base": ("-", "-"), "locked-image": ("frozen", "tuned"), "locked-text"
 # ablation tables), beside ours
 PAPER_IN1K = {"base": 63.2, "locked-image": 63.7, "locked-text": 66.9, "full": 64.3, "gated-image": 68.6,
               "gated-image-text": 68.7, "t2i": 65.8, "t2t": 68.6, "both": 68.6}
-SIZE_SHARES = (0.01, 0.10)  # retrieval size curve: these shares of the KB, plus the demo's per_class
+SIZE_SHARES = (0.01, 0.03, 0.10)  # retrieval size curve: these shares of the KB, plus the demo's per_class
 MIX_RATIOS = (0.25, 0.5)  # share of every batch drawn from the pretraining corpus
 SCHEDULE_STEPS = (1, 2, 4)  # schedule ablation: these multiples of the default steps, each without and with mixing
 FAIR_LRS = (5e-5, 5e-4)  # fair-strategy grid: every strategy at each learning rate ...
