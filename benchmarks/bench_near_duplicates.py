@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from react_vl.data import IMAGE_EXTS
+from react_vl.kb import KnowledgeBase
 from react_vl.models import load_model
 from react_vl.utils import read_json
 
@@ -33,8 +35,9 @@ THRESHOLDS = (0.95, 0.99, 0.995, 0.998)
 
 
 def kb_image_embeddings(kb: Path) -> np.ndarray:
-    parts = sorted((kb / "img_emb").glob("img_emb_*.npy"), key=lambda p: int(p.stem.rsplit("_", 1)[1]))
-    return np.concatenate([np.load(p).astype(np.float32) for p in parts])
+    knowledge_base = KnowledgeBase(kb)
+    return np.concatenate([knowledge_base.part_embeddings("img_emb", part).astype(np.float32)
+                           for part in knowledge_base.parts])
 
 
 def nearest_other(emb: np.ndarray, queries: np.ndarray) -> np.ndarray:
@@ -53,16 +56,16 @@ def first_images(kb: Path, n: int) -> list[Image.Image]:
     with tarfile.open(keys[0]["shard"]) as tar:
         for member in tar:
             key, _, ext = member.name.rpartition(".")
-            if ext in ("png", "jpg", "jpeg", "webp"):
+            if ext in IMAGE_EXTS:
                 images[key] = Image.open(io.BytesIO(tar.extractfile(member).read())).convert("RGB")
             if len(images) == n:
                 break
     return [images[row["key"]] for row in keys]
 
 
-def jpeg_copy_cosines(kb: Path, images: list[Image.Image], quality: int) -> np.ndarray:
-    """Cosine between each image's embedding and its JPEG copy's, both encoded as the KB was
-    (its model, its autocast, stored as float16)."""
+def jpeg_copy_cosines(kb: Path, images: list[Image.Image], qualities: list[int]) -> dict[int, np.ndarray]:
+    """{quality: cosine between each image's embedding and its JPEG copy's}, both encoded as the KB
+    was (its model, its autocast, stored as float16)."""
     info = read_json(kb / "kb.json")
     model, preprocess, _ = load_model(info["model"], info["pretrained"])
     amp = info["autocast"] != "off"
@@ -72,12 +75,13 @@ def jpeg_copy_cosines(kb: Path, images: list[Image.Image], quality: int) -> np.n
             emb = model.encode_image(torch.stack([preprocess(im) for im in batch]))
         return F.normalize(emb.float(), dim=-1).numpy().astype(np.float16).astype(np.float32)
 
-    def jpeg(image: Image.Image) -> Image.Image:
+    def jpeg(image: Image.Image, quality: int) -> Image.Image:
         buffer = io.BytesIO()
         image.save(buffer, "JPEG", quality=quality)
         return Image.open(buffer).convert("RGB")
 
-    return (encode(images) * encode([jpeg(im) for im in images])).sum(1)
+    originals = encode(images)
+    return {q: (originals * encode([jpeg(im, q) for im in images])).sum(1) for q in qualities}
 
 
 def main(argv=None) -> dict:
@@ -94,8 +98,7 @@ def main(argv=None) -> dict:
                                 "removed_at": {f"{t:g}": float((others >= t).mean()) for t in THRESHOLDS}},
               "jpeg_copy": {}}
     images = first_images(args.kb, args.n)
-    for quality in args.quality:
-        copies = jpeg_copy_cosines(args.kb, images, quality)
+    for quality, copies in jpeg_copy_cosines(args.kb, images, args.quality).items():
         result["jpeg_copy"][str(quality)] = {"median": float(np.median(copies)), "p1": float(np.percentile(copies, 1)),
                                              "caught_at": {f"{t:g}": float((copies >= t).mean()) for t in THRESHOLDS},
                                              "above_nearest_other": float((copies > others).mean())}
